@@ -1,0 +1,47 @@
+"""Random probes from an explicit generator (the global RNG is never touched)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from secondorder.operators.base import Block, LinearOperator
+
+Seed = int | torch.Generator | None
+
+
+def make_generator(seed: Seed, device: torch.device) -> torch.Generator:
+    """A generator from an int seed, an existing generator, or fresh OS entropy for ``None``."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    elif isinstance(seed, int):
+        gen.manual_seed(seed)
+    else:
+        raise TypeError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
+    return gen
+
+
+def rademacher(A: LinearOperator, num: int, gen: torch.Generator) -> Tensor:
+    """A ``[P, num]`` block of independent +-1 entries in the operator's dtype and device."""
+    signs = torch.randint(0, 2, (A.shape[0], num), generator=gen, device=gen.device, dtype=torch.int8)
+    return (signs.to(device=A.device, dtype=A.dtype) * 2 - 1)
+
+
+def block_sums(X: Tensor, blocks: tuple[Block, ...]) -> Tensor:
+    """Sum the rows of ``X`` ``[P, K]`` within each block: ``[num_blocks, K]``."""
+    return torch.stack([X[b.start : b.stop].sum(0) for b in blocks])
+
+
+def chunk_sizes(A: LinearOperator, total: int) -> list[int]:
+    """Split ``total`` probes into the operator's ``chunk_size`` (all at once if it has none)."""
+    step = getattr(A, "chunk_size", None) or total
+    return [min(step, total - start) for start in range(0, total, step)]
+
+
+def check_budget(num_matvecs: int, minimum: int, method: str) -> None:
+    """Reject a matvec budget below what the method needs."""
+    if not isinstance(num_matvecs, int) or num_matvecs < minimum:
+        raise ValueError(f"{method} needs num_matvecs >= {minimum} (an integer), got {num_matvecs!r}")

@@ -1,0 +1,174 @@
+"""Results of the algorithms: small frozen dataclasses that carry their uncertainty."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def _t_quantile(level: float, dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, dof)) if dof > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class BlockTrace:
+    """The trace of one diagonal block (one layer) with its standard error."""
+
+    name: str
+    size: int
+    value: float
+    stderr: float
+
+    @property
+    def per_parameter(self) -> float:
+        """Trace divided by the block size (HAWQ-V2's average curvature)."""
+        return self.value / self.size
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """A trace estimate ``value`` with standard error ``stderr`` (``dof`` degrees of freedom).
+
+    ``blocks`` holds the per-block (per-layer) traces estimated from the same probes; they sum
+    to ``value``.
+    """
+
+    value: float
+    stderr: float
+    num_matvecs: int
+    method: str
+    dof: int
+    blocks: tuple[BlockTrace, ...]
+
+    def confidence_interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Student-t interval ``value +- t_{dof} * stderr``."""
+        half = _t_quantile(level, self.dof) * self.stderr
+        return self.value - half, self.value + half
+
+    def block(self, name: str) -> BlockTrace:
+        """The block called ``name``."""
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(f"no block {name!r}; blocks are {[b.name for b in self.blocks]}")
+
+
+@dataclass(frozen=True)
+class DiagonalResult:
+    """A diagonal estimate ``value`` ``[P]`` with per-entry standard errors ``stderr`` ``[P]``."""
+
+    value: Tensor
+    stderr: Tensor
+    num_matvecs: int
+    method: str
+
+
+@dataclass(frozen=True)
+class EigenResult:
+    """Eigenpairs: ``eigenvalues`` ``[k]`` sorted for ``which``, ``eigenvectors`` ``[P, k]``.
+
+    ``residuals[i] = ||A v_i - theta_i v_i||`` certify each pair: an eigenvalue of A lies
+    within ``residuals[i]`` of ``theta_i`` (Bauer-Fike for symmetric matrices).
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    converged: Tensor
+    num_matvecs: int
+    num_restarts: int
+    which: str
+    method: str
+    residual_history: tuple[tuple[float, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Solution of ``(A + damping I) x = b`` with relative residual norms per right-hand side."""
+
+    solution: Tensor
+    residuals: Tensor
+    converged: Tensor
+    iterations: int
+    num_matvecs: int
+    method: str
+
+
+@dataclass(frozen=True)
+class SpectralDensityResult:
+    r"""Stochastic Lanczos quadrature: per probe, Ritz ``nodes`` and quadrature ``weights``.
+
+    ``nodes`` and ``weights`` are ``[num_probes, num_steps]``; each row's weights sum to 1 (a
+    probability measure); rows cut short by breakdown are padded with zero weights. The
+    spectral density is :math:`\phi(t) \approx \frac1R \sum_r \sum_j w_{rj}\,\delta(t - \theta_{rj})`
+    and :math:`\mathrm{tr}(A) \approx P\,\frac1R\sum_r\sum_j w_{rj}\theta_{rj}`.
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    dimension: int
+    num_matvecs: int
+
+    def _sigma(self, sigma: float | None) -> float:
+        if sigma is not None:
+            if sigma <= 0:
+                raise ValueError(f"sigma must be positive, got {sigma}")
+            return sigma
+        used = self.nodes[self.weights > 0].double()
+        if not used.numel():
+            return 1e-6
+        return max(0.01 * float(used.max() - used.min()), 1e-6 * float(used.abs().max()), 1e-12)
+
+    def density(self, grid: Tensor, sigma: float | None = None) -> Tensor:
+        """Gaussian-smoothed density on ``grid`` (integrates to about 1; ``sigma`` default 1% of the range)."""
+        s = self._sigma(sigma)
+        grid = torch.as_tensor(grid, dtype=torch.float64)
+        diff = grid[:, None, None] - self.nodes.double()[None]
+        kernel = torch.exp(-0.5 * (diff / s) ** 2) / (s * math.sqrt(2 * math.pi))
+        return (kernel * self.weights.double()[None]).sum(dim=(1, 2)) / self.nodes.shape[0]
+
+    def moments(self, order: int) -> float:
+        r"""Estimate of :math:`\frac1P \mathrm{tr}(A^{order})`."""
+        return float((self.weights.double() * self.nodes.double() ** order).sum(1).mean())
+
+    def trace(self) -> tuple[float, float]:
+        """``(estimate, stderr)`` of ``tr(A)`` from the probes."""
+        per_probe = self.dimension * (self.weights.double() * self.nodes.double()).sum(1)
+        R = per_probe.numel()
+        stderr = float(per_probe.std() / math.sqrt(R)) if R > 1 else math.nan
+        return float(per_probe.mean()), stderr
+
+    def plot(self, path: str | Path | None = None, ax=None, log: bool = True, sigma: float | None = None,
+             num_points: int = 1000):
+        """Plot the smoothed density (log scale by default, as in Ghorbani et al. 2019); save to ``path``."""
+        import matplotlib
+
+        if ax is None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        s = self._sigma(sigma)
+        used = self.nodes[self.weights > 0].double()
+        lo, hi = float(used.min()) - 4 * s, float(used.max()) + 4 * s
+        grid = torch.linspace(lo, hi, num_points, dtype=torch.float64)
+        dens = self.density(grid, s)
+        fig = None
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(grid.numpy(), (dens + 1e-12).numpy() if log else dens.numpy())
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(f"spectral density (SLQ, {self.nodes.shape[0]} probes, {self.nodes.shape[1]} steps)")
+        if path is not None:
+            (fig or ax.figure).savefig(path, dpi=120, bbox_inches="tight")
+        if fig is not None and path is not None:
+            plt.close(fig)
+        return ax

@@ -1,0 +1,26 @@
+"""Curvature operators: the one abstraction every algorithm multiplies with."""
+
+from secondorder.operators.base import (
+    Block,
+    DenseOperator,
+    IdentityOperator,
+    LinearOperator,
+    ScaledOperator,
+    SumOperator,
+    as_operator,
+)
+from secondorder.operators.curvature import CurvatureOperator, GGNOperator, HessianOperator, NonFiniteError
+
+__all__ = [
+    "Block",
+    "CurvatureOperator",
+    "DenseOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "IdentityOperator",
+    "LinearOperator",
+    "NonFiniteError",
+    "ScaledOperator",
+    "SumOperator",
+    "as_operator",
+]

@@ -1,0 +1,168 @@
+r"""Curvature operators of a model's mean loss over a batch or a whole data set.
+
+For batches :math:`b` of sizes :math:`n_b` with mean losses :math:`L_b`, the data-set loss is
+:math:`L = \sum_b n_b L_b / \sum_b n_b`, so every curvature product is the size-weighted
+average of per-batch products; ragged last batches are exact.
+
+The model is differentiated in the mode it is in (``model.training`` is never changed):
+
+* BatchNorm in **train** mode normalizes with the statistics of each batch, so the operator is
+  the curvature of the training-mode loss the optimizer sees, with samples coupled within a
+  batch; in **eval** mode it uses the running statistics and BatchNorm is a fixed affine map.
+  Running statistics are restored after every product either way.
+* Dropout in train mode draws one fixed mask per batch (seeded by ``seed`` and the batch index
+  inside a forked RNG), so the operator is one fixed matrix across products and the caller's
+  global RNG is untouched. Put the model in eval mode for the curvature without dropout.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from secondorder.operators.base import LinearOperator
+from secondorder.operators.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
+from secondorder.operators.output_hessians import output_hessian
+from secondorder.operators.params import ParamSelector, make_blocks, select_parameters
+from secondorder.operators.products import ggn_product, hessian_product
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or a curvature product was NaN or infinite (the message names the batch)."""
+
+
+class CurvatureOperator(LinearOperator):
+    """Shared data-set accumulation for :class:`HessianOperator` and :class:`GGNOperator`.
+
+    Args:
+        model: the network; called as ``model(inputs)`` (or ``model(**inputs)`` for a dict).
+        loss_fn: ``loss_fn(outputs, targets)`` returning the **mean** loss of a batch; with
+            ``closure=True`` instead ``loss_fn(model, batch)`` returning that scalar.
+        data: one ``(inputs, targets)`` batch (a tuple) or a re-iterable of batches (list,
+            DataLoader). A one-shot generator is rejected.
+        params: ``None`` for all trainable parameters, names or module prefixes, or a
+            ``(name, parameter) -> bool`` filter.
+        closure: select the ``loss_fn(model, batch)`` form explicitly.
+        chunk_size: at most this many probes share one batched backward (bounds memory).
+        blocks: ``"module"`` (one block per layer) or ``"parameter"`` (per tensor).
+        batch_size_fn: the number of samples in a batch, when the first tensor of a batch
+            does not say it.
+        seed: seeds the per-batch RNG for dropout masks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        data: Any,
+        params: ParamSelector = None,
+        *,
+        closure: bool = False,
+        chunk_size: int | None = None,
+        blocks: str = "module",
+        batch_size_fn: Callable[[Any], int] | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        named = select_parameters(model, params)
+        kinds = {(p.dtype, p.device) for _, p in named}
+        if len(kinds) != 1:
+            raise ValueError(f"selected parameters mix dtypes/devices {sorted(map(str, kinds))}; select one kind")
+        self.model, self.loss_fn, self.closure = model, loss_fn, closure
+        self.data = as_batches(data)
+        self.param_names = tuple(n for n, _ in named)
+        self.params = [p for _, p in named]
+        self.blocks = make_blocks(named, blocks)
+        P = sum(p.numel() for p in self.params)
+        self.shape = (P, P)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self.chunk_size, self.batch_size_fn, self.seed = chunk_size, batch_size_fn, seed
+        self.num_matvecs = 0
+
+    # ---- per batch -------------------------------------------------------------------
+    def _loss(self, outputs: Any, batch: Any, index: int) -> Tensor:
+        loss = self.loss_fn(self.model, batch) if self.closure else self.loss_fn(outputs, batch[1])
+        if not isinstance(loss, Tensor) or loss.ndim != 0:
+            shape = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(
+                f"loss_fn must return the mean loss of a batch as a scalar tensor; batch {index} gave {shape}. "
+                "Use reduction='mean'."
+            )
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"the loss of batch {index} is {loss.item()}; curvature is undefined there")
+        return loss
+
+    def _outputs(self, batch: Any, index: int) -> Any:
+        if self.closure:
+            return None
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"batch {index} is not an (inputs, targets) pair; for other batch layouts pass "
+                "closure=True with loss_fn(model, batch)"
+            )
+        return call_model(self.model, batch[0])
+
+    def _batch_product(self, batch: Any, index: int, V: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ---- data-set accumulation -------------------------------------------------------------
+    def _matmat(self, V: Tensor) -> Tensor:
+        rows = V.T.contiguous()
+        total = torch.zeros_like(rows)
+        count = 0
+        with untouched(self.model, self.device):
+            for index, batch in seeded_batches(self.data, self.seed, self.device):
+                batch = to_device(batch, self.device)
+                n = batch_size(batch, self.batch_size_fn)
+                product = self._batch_product(batch, index, rows)
+                if not torch.isfinite(product).all():
+                    raise NonFiniteError(f"the curvature product of batch {index} is not finite")
+                total.add_(product, alpha=n)
+                count += n
+        if count == 0:
+            raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
+        return (total / count).T
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian :math:`\nabla^2_\theta L` of the data-set mean loss (see :class:`CurvatureOperator`).
+
+    Exact Hessian-vector products (Pearlmutter 1994), all probes of a block in one batched
+    backward per batch. A parameter without gradient, or one that enters the loss linearly,
+    has zero curvature (zero rows), not an error.
+    """
+
+    def _batch_product(self, batch: Any, index: int, V: Tensor) -> Tensor:
+        loss = self._loss(self._outputs(batch, index), batch, index)
+        return hessian_product(loss, self.params, V, self.chunk_size)
+
+
+class GGNOperator(CurvatureOperator):
+    r"""The generalized Gauss-Newton matrix :math:`G = J^\top H_\ell J` of the data-set mean loss.
+
+    :math:`H_\ell` is in closed form for cross-entropy, MSE and binary cross-entropy
+    (:mod:`secondorder.operators.output_hessians`); positive semi-definite for convex losses.
+    Needs the model's outputs, so the closure form is not available.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, params: ParamSelector = None, **kwargs):
+        if kwargs.get("closure"):
+            raise ValueError(
+                "GGNOperator needs the model outputs, which a loss closure hides; pass loss_fn(outputs, targets) "
+                "(use a dict of inputs for models called with keywords), or use HessianOperator with closure=True"
+            )
+        super().__init__(model, loss_fn, data, params, **kwargs)
+
+    def _batch_product(self, batch: Any, index: int, V: Tensor) -> Tensor:
+        outputs = self._outputs(batch, index)
+        self._loss(outputs, batch, index)
+        if not isinstance(outputs, Tensor):
+            raise TypeError(f"GGNOperator needs the model to return a tensor; batch {index} gave {type(outputs).__name__}")
+        return ggn_product(outputs, output_hessian(self.loss_fn, outputs, batch[1]), self.params, V, self.chunk_size)

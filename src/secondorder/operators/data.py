@@ -1,0 +1,110 @@
+"""Data handling for data-set curvature: one batch or a re-iterable of batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+
+def is_single_batch(data: Any) -> bool:
+    """A single batch is a tensor, a mapping, or a *tuple* whose first item is a tensor or a mapping.
+
+    Anything else that is iterable (a list of batches, a DataLoader) is a sequence of batches.
+    """
+    if isinstance(data, (Tensor, Mapping)):
+        return True
+    return isinstance(data, tuple) and len(data) > 0 and isinstance(data[0], (Tensor, Mapping))
+
+
+def as_batches(data: Any) -> Iterable:
+    """Return a re-iterable of batches; reject one-shot iterators, which would empty after one product."""
+    if data is None:
+        raise ValueError("data is None: pass one (inputs, targets) batch or a re-iterable of batches (list, DataLoader)")
+    if is_single_batch(data):
+        return [data]
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data must be one (inputs, targets) batch or a re-iterable of batches, got {type(data).__name__}")
+    if iter(data) is data:
+        raise TypeError(
+            "data is a one-shot iterator (e.g. a generator); every curvature product needs a full pass, "
+            "so pass a list of batches or a DataLoader instead"
+        )
+    return data
+
+
+def first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor found depth-first in a batch."""
+    if isinstance(obj, Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def batch_size(batch: Any, batch_size_fn: Callable[[Any], int] | None) -> int:
+    """The number of samples in a batch: ``batch_size_fn(batch)`` or the first tensor's leading size."""
+    if batch_size_fn is not None:
+        return int(batch_size_fn(batch))
+    t = first_tensor(batch)
+    if t is None or t.ndim == 0:
+        raise ValueError("cannot infer the batch size of a batch without a batched tensor; pass batch_size_fn=")
+    return t.shape[0]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in a nested batch to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, Mapping):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(to_device(x, device) for x in obj)
+    if isinstance(obj, list):
+        return [to_device(x, device) for x in obj]
+    return obj
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping of inputs, ``model(inputs)`` otherwise."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+@contextmanager
+def untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Differentiate the model as it is without leaving a trace.
+
+    Buffers (BatchNorm running statistics) are restored afterwards, the model's train/eval
+    mode is never changed, and the global RNG state is restored so that dropout masks drawn
+    inside do not advance the caller's random stream.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def seeded_batches(batches: Iterable, seed: int, device: torch.device) -> Iterator[tuple[int, Any]]:
+    """Enumerate batches, seeding the (forked) RNG per batch so dropout masks are fixed per batch.
+
+    With a fixed mask per batch the operator is one fixed matrix across products, as
+    Lanczos and CG require.
+    """
+    for index, batch in enumerate(batches):
+        torch.default_generator.manual_seed(seed + index)
+        if device.type == "cuda":
+            torch.cuda.default_generators[device.index or 0].manual_seed(seed + index)
+        yield index, batch
