@@ -9,7 +9,7 @@ __all__ = ["gaussian_mixture", "batches"]
 
 #: Standard deviation of each coordinate of the class means; the noise around
 #: each mean has unit standard deviation.
-MEAN_SCALE = 1.0
+MEAN_SCALE = 0.25
 
 
 def gaussian_mixture(
