@@ -26,8 +26,8 @@ def make_generator(seed: Seed, device: torch.device) -> torch.Generator:
 
 def rademacher(A: LinearOperator, num: int, gen: torch.Generator) -> Tensor:
     """A ``[P, num]`` block of independent +-1 entries in the operator's dtype and device."""
-    signs = torch.randint(0, 2, (A.shape[0], num), generator=gen, device=gen.device, dtype=torch.int8)
-    return (signs.to(device=A.device, dtype=A.dtype) * 2 - 1)
+    signs = torch.randint(0, 2, (num, A.shape[0]), generator=gen, device=gen.device, dtype=torch.int8)
+    return (signs.to(device=A.device, dtype=A.dtype) * 2 - 1).T  # column-major: probes are contiguous rows
 
 
 def block_sums(X: Tensor, blocks: tuple[Block, ...]) -> Tensor:

@@ -109,26 +109,25 @@ class CurvatureOperator(LinearOperator):
             )
         return call_model(self.model, batch[0])
 
-    def _batch_product(self, batch: Any, index: int, V: Tensor) -> Tensor:
+    def _batch_product(self, batch: Any, index: int, V: Tensor, out: Tensor, weight: float) -> None:
         raise NotImplementedError
 
     # ---- data-set accumulation -------------------------------------------------------------
     def _matmat(self, V: Tensor) -> Tensor:
-        rows = V.T.contiguous()
+        rows = V.T.contiguous()  # probes as rows; free when V is column-major, as the probes are
         total = torch.zeros_like(rows)
         count = 0
         with untouched(self.model, self.device):
             for index, batch in seeded_batches(self.data, self.seed, self.device):
                 batch = to_device(batch, self.device)
                 n = batch_size(batch, self.batch_size_fn)
-                product = self._batch_product(batch, index, rows)
-                if not torch.isfinite(product).all():
+                self._batch_product(batch, index, rows, total, float(n))
+                if not torch.isfinite(total).all():
                     raise NonFiniteError(f"the curvature product of batch {index} is not finite")
-                total.add_(product, alpha=n)
                 count += n
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
-        return (total / count).T
+        return total.div_(count).T
 
 
 class HessianOperator(CurvatureOperator):
@@ -139,9 +138,9 @@ class HessianOperator(CurvatureOperator):
     has zero curvature (zero rows), not an error.
     """
 
-    def _batch_product(self, batch: Any, index: int, V: Tensor) -> Tensor:
+    def _batch_product(self, batch: Any, index: int, V: Tensor, out: Tensor, weight: float) -> None:
         loss = self._loss(self._outputs(batch, index), batch, index)
-        return hessian_product(loss, self.params, V, self.chunk_size)
+        hessian_product(loss, self.params, V, out, weight, self.chunk_size)
 
 
 class GGNOperator(CurvatureOperator):
@@ -160,9 +159,10 @@ class GGNOperator(CurvatureOperator):
             )
         super().__init__(model, loss_fn, data, params, **kwargs)
 
-    def _batch_product(self, batch: Any, index: int, V: Tensor) -> Tensor:
+    def _batch_product(self, batch: Any, index: int, V: Tensor, out: Tensor, weight: float) -> None:
         outputs = self._outputs(batch, index)
         self._loss(outputs, batch, index)
         if not isinstance(outputs, Tensor):
             raise TypeError(f"GGNOperator needs the model to return a tensor; batch {index} gave {type(outputs).__name__}")
-        return ggn_product(outputs, output_hessian(self.loss_fn, outputs, batch[1]), self.params, V, self.chunk_size)
+        hessian = output_hessian(self.loss_fn, outputs, batch[1])
+        ggn_product(outputs, hessian, self.params, V, out, weight, self.chunk_size)

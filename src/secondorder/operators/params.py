@@ -79,10 +79,14 @@ def split_rows(V: Tensor, params: list[Tensor]) -> list[Tensor]:
     return out
 
 
-def cat_rows(pieces: list[Tensor | None], params: list[Tensor], K: int) -> Tensor:
-    """Inverse of :func:`split_rows`; ``None`` pieces (no dependence) become zeros."""
-    flat = [
-        (x.reshape(K, -1) if x is not None else torch.zeros(K, p.numel(), dtype=p.dtype, device=p.device))
-        for x, p in zip(pieces, params)
-    ]
-    return torch.cat(flat, dim=1)
+def add_rows(out: Tensor, pieces: tuple[Tensor | None, ...], params: list[Tensor], weight: float) -> None:
+    """Inverse of :func:`split_rows`, accumulating ``out[:, slice_i] += weight * pieces[i]``.
+
+    ``None`` pieces (no dependence on that parameter) add nothing.
+    """
+    offset = 0
+    for piece, p in zip(pieces, params):
+        n = p.numel()
+        if piece is not None:
+            out[:, offset : offset + n].add_(piece.reshape(out.shape[0], n), alpha=weight)
+        offset += n
