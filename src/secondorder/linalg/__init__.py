@@ -1,5 +1,6 @@
 """Randomized numerical linear algebra on any operator or dense symmetric tensor."""
 
+from secondorder.linalg.blocks import block_eigenvalues
 from secondorder.linalg.density import spectral_density
 from secondorder.linalg.diagonal import diagonal
 from secondorder.linalg.eigen import eigenvalues
@@ -21,6 +22,7 @@ __all__ = [
     "SolveResult",
     "SpectralDensityResult",
     "TraceResult",
+    "block_eigenvalues",
     "diagonal",
     "eigenvalues",
     "solve",

@@ -81,6 +81,13 @@ class LinearOperator:
     def __sub__(self, other: LinearOperator) -> LinearOperator:
         return self + (-as_operator(other))
 
+    def block(self, name: str) -> LinearOperator:
+        """The diagonal block ``A[b, b]`` of the block called ``name`` (e.g. one layer's Hessian)."""
+        for b in self.blocks:
+            if b.name == name:
+                return SubmatrixOperator(self, b)
+        raise KeyError(f"no block {name!r}; blocks are {[b.name for b in self.blocks]}")
+
     # ---- conversions ---------------------------------------------------------------
     def to_dense(self) -> Tensor:
         """The dense ``[P, P]`` matrix, by ``P`` products with the identity (small P only)."""
@@ -182,6 +189,24 @@ class SumOperator(LinearOperator):
         for op in self.ops[1:]:
             out = out + (op @ V)
         return out
+
+
+class SubmatrixOperator(LinearOperator):
+    """A diagonal block ``A[b, b]``: products embed into ``A``'s space and restrict back.
+
+    Each product costs one product with ``A`` (counted on both operators).
+    """
+
+    def __init__(self, op: LinearOperator, block: Block):
+        self.op, self.span = op, block
+        self.shape = (block.size, block.size)
+        self.dtype, self.device = op.dtype, op.device
+        self.blocks = (Block(block.name, 0, block.size, block.params),)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        full = torch.zeros(V.shape[1], self.op.shape[0], dtype=V.dtype, device=V.device)
+        full[:, self.span.start : self.span.stop] = V.T
+        return (self.op @ full.T)[self.span.start : self.span.stop]
 
 
 def as_operator(A: LinearOperator | Tensor) -> LinearOperator:
