@@ -126,3 +126,13 @@ def test_algorithm_argument_errors():
         so.spectral_density(A, 0)
     with pytest.raises(TypeError, match="LinearOperator or a dense"):
         so.trace([[1.0]], 3)
+
+
+def test_blocks_must_tile_and_one_sample_has_no_error_bar():
+    A = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="tile"):
+        so.DenseOperator(A, blocks=[so.Block("a", 0, 10)])
+    with pytest.raises(ValueError, match="tile"):
+        so.DenseOperator(A, blocks=[so.Block("a", 0, 10), so.Block("b", 11, 20)])
+    one = so.trace(A, 1, method="hutchinson", seed=0)
+    assert one.stderr == math.inf and one.confidence_interval() == (-math.inf, math.inf)

@@ -21,15 +21,20 @@ from secondorder.operators.base import LinearOperator, as_operator
 
 
 def _hutchinson(A: LinearOperator, m: int, gen: torch.Generator) -> Tensor:
-    total = torch.zeros(A.shape[0], dtype=A.dtype, device=A.device)
-    total_sq = torch.zeros_like(total)
+    # streamed mean and centred sum of squares, merged per chunk (Chan, Golub, LeVeque 1979): the
+    # one-pass sum(S^2) - m mean^2 cancels catastrophically when the spread is small next to diag(A)
+    mean = torch.zeros(A.shape[0], dtype=A.dtype, device=A.device)
+    m2 = torch.zeros_like(mean)
+    count = 0
     for k in chunk_sizes(A, m):
         Z = rademacher(A, k, gen)
         S = Z * (A @ Z)
-        total += S.sum(1)
-        total_sq += (S * S).sum(1)
-    mean = total / m
-    var = (total_sq - m * mean**2).clamp_min(0) / (m - 1) if m > 1 else torch.full_like(mean, math.nan)
+        chunk_mean = S.mean(1)
+        delta = chunk_mean - mean
+        m2 += ((S - chunk_mean[:, None]) ** 2).sum(1) + delta**2 * (count * k / (count + k))
+        mean += delta * (k / (count + k))
+        count += k
+    var = m2 / (m - 1) if m > 1 else torch.full_like(mean, math.inf)  # one sample: no error bar
     return torch.stack([mean, (var / m).sqrt()], dim=1)
 
 

@@ -141,7 +141,7 @@ class SpectralDensityResult:
         """``(estimate, stderr)`` of ``tr(A)`` from the probes."""
         per_probe = self.dimension * (self.weights.double() * self.nodes.double()).sum(1)
         R = per_probe.numel()
-        stderr = float(per_probe.std() / math.sqrt(R)) if R > 1 else math.nan
+        stderr = float(per_probe.std() / math.sqrt(R)) if R > 1 else math.inf
         return float(per_probe.mean()), stderr
 
     def plot(self, path: str | Path | None = None, ax=None, log: bool = True, sigma: float | None = None,

@@ -31,7 +31,7 @@ from secondorder.operators.base import LinearOperator, as_operator
 def _summarize(exact: Tensor, samples: Tensor) -> tuple[Tensor, Tensor]:
     """Per block: ``exact + mean(samples)`` and the standard error of the mean (``[nb]`` each)."""
     n = samples.shape[1]
-    stderr = samples.std(dim=1) / math.sqrt(n) if n > 1 else torch.full_like(exact, math.nan)
+    stderr = samples.std(dim=1) / math.sqrt(n) if n > 1 else torch.full_like(exact, math.inf)
     return exact + samples.mean(dim=1), stderr
 
 

@@ -118,6 +118,16 @@ def _single_block(P: int) -> tuple[Block, ...]:
     return (Block("all", 0, P),)
 
 
+def _check_blocks(blocks: Sequence[Block], P: int) -> tuple[Block, ...]:
+    """Blocks must tile ``[0, P)`` in order, so that per-block quantities sum to the total."""
+    blocks = tuple(blocks)
+    stops = [0] + [b.stop for b in blocks]
+    if not blocks or any(b.start != s or b.stop <= b.start for b, s in zip(blocks, stops)) or stops[-1] != P:
+        spans = [(b.start, b.stop) for b in blocks]
+        raise ValueError(f"blocks must tile [0, {P}) contiguously and in order, got spans {spans}")
+    return blocks
+
+
 class DenseOperator(LinearOperator):
     """A dense symmetric matrix as an operator (for tests and small problems)."""
 
@@ -140,7 +150,7 @@ class DenseOperator(LinearOperator):
         self.shape = (P, P)
         self.dtype = matrix.dtype
         self.device = matrix.device
-        self.blocks = tuple(blocks) if blocks is not None else _single_block(P)
+        self.blocks = _check_blocks(blocks, P) if blocks is not None else _single_block(P)
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.matrix @ V
