@@ -73,14 +73,15 @@ def names(model):
 @pytest.mark.parametrize("loss", ["ce", "mse", "bce"])
 @pytest.mark.parametrize("bn_mode", [None, "eval", "train"])
 @pytest.mark.parametrize("operator", ["hessian", "ggn"])
-def test_matches_dense_reference_on_ragged_loader(arch, loss, bn_mode, operator):
+@pytest.mark.parametrize("backend", ["loop", "vmap"])
+def test_matches_dense_reference_on_ragged_loader(arch, loss, bn_mode, operator, backend):
     model = (mlp if arch == "mlp" else cnn)(bn=bn_mode is not None)
     model.train(bn_mode == "train")
     X, y = data(arch, loss)
     batches = ragged(X, y)
     reference = (dense_hessian if operator == "hessian" else dense_ggn)(model, LOSSES[loss], batches, names(model))
     state = copy.deepcopy(model.state_dict())
-    A = (HessianOperator if operator == "hessian" else GGNOperator)(model, LOSSES[loss], batches)
+    A = (HessianOperator if operator == "hessian" else GGNOperator)(model, LOSSES[loss], batches, backend=backend)
     dense = A.to_dense()
     assert (dense - reference).abs().max() <= TOL * max(1.0, reference.abs().max().item())
     assert model.training == (bn_mode == "train")  # mode untouched
@@ -232,7 +233,7 @@ def test_products_vector_block_chunks_and_counting():
     model = cnn()
     X, y = data("cnn", "ce")
     A = HessianOperator(model, F.cross_entropy, ragged(X, y))
-    C = HessianOperator(model, F.cross_entropy, ragged(X, y), chunk_size=2)
+    C = HessianOperator(model, F.cross_entropy, ragged(X, y), chunk_size=2, backend="vmap")
     V = torch.randn(A.shape[0], 5, generator=_gen(3), dtype=torch.float64)
     AV = A @ V
     assert AV.shape == V.shape and A.num_matvecs == 5

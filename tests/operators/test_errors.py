@@ -99,6 +99,12 @@ def test_non_finite_curvature_names_the_batch():
         A @ torch.ones(2, dtype=torch.float64)
 
 
+def test_unknown_backend(problem):
+    model, X, y = problem
+    with pytest.raises(ValueError, match="'auto', 'loop' or 'vmap'"):
+        so.HessianOperator(model, F.cross_entropy, (X, y), backend="jvp")
+
+
 def test_ggn_rejects_closure(problem):
     model, X, y = problem
     with pytest.raises(ValueError, match="needs the model outputs"):

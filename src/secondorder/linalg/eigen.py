@@ -3,7 +3,7 @@ r"""Extreme eigenpairs of a symmetric operator.
 * ``method="lanczos"`` (default): thick-restart Lanczos (Wu & Simon 2000, equivalent to
   implicitly restarted Lanczos, Sorensen 1992) with full reorthogonalization (two passes of
   classical Gram-Schmidt). Each cycle extends the basis to ``ncv`` vectors, takes the Ritz pairs
-  of :math:`T = V^\top A V`, and stops when every wanted Ritz pair has residual
+  of :math:`T = V^\top A V` after every step, and stops as soon as every wanted Ritz pair has residual
   :math:`\|A y - \theta y\| = |\beta_m s_{m}| \le \mathrm{tol}\cdot\|A\|` (estimated by the largest
   Ritz value in magnitude). Otherwise it keeps the best ``k + (ncv - k) // 2`` Ritz vectors plus
   the residual direction and continues (the arrowhead restart).
@@ -82,15 +82,21 @@ def _lanczos(A, k, which, tol, max_matvecs, ncv, gen):
             T[j + 1, j] = T[j, j + 1] = beta_T
             nrm = w.norm()
             V[:, j + 1] = w / nrm if nrm > 0 else w
-        theta, S = torch.linalg.eigh(T[:m, :m])
-        anorm = max(anorm, float(theta.abs().max()))
-        order = _order(theta, which)
-        residuals = (T[m, m - 1].abs() * S[m - 1, :].abs())[order]
-        history.append(tuple(residuals[:k].tolist()))
-        converged = residuals[:k] <= tol * anorm
-        if bool(converged.all()) or matvecs >= max_matvecs:
-            Y = V[:, :m] @ S[:, order[:k]].to(dtype=dtype, device=device)
-            return theta[order[:k]], Y, residuals[:k], converged, matvecs, restarts, history
+            n = j + 1
+            if n < k or (beta_T == 0.0 and n < m):
+                # after a breakdown every Ritz pair has residual 0, but the fresh direction may
+                # still add copies of a repeated eigenvalue: extend before testing convergence
+                continue
+            # Rayleigh-Ritz on the current basis after every step (a small n x n eigh)
+            theta, S = torch.linalg.eigh(T[:n, :n])
+            anorm = max(anorm, float(theta.abs().max()))
+            order = _order(theta, which)
+            residuals = (T[n, n - 1].abs() * S[n - 1, :].abs())[order]
+            history.append(tuple(residuals[:k].tolist()))
+            converged = residuals[:k] <= tol * anorm
+            if bool(converged.all()) or matvecs >= max_matvecs:
+                Y = V[:, :n] @ S[:, order[:k]].to(dtype=dtype, device=device)
+                return theta[order[:k]], Y, residuals[:k], converged, matvecs, restarts, history
         keep = min(m - 1, k + (m - k) // 2)
         idx = order[:keep]
         V[:, :keep] = V[:, :m] @ S[:, idx].to(dtype=dtype, device=device)

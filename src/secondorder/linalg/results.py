@@ -75,6 +75,8 @@ class EigenResult:
 
     ``residuals[i] = ||A v_i - theta_i v_i||`` certify each pair: an eigenvalue of A lies
     within ``residuals[i]`` of ``theta_i`` (Bauer-Fike for symmetric matrices).
+    ``residual_history`` holds the wanted residuals at every convergence check (every Lanczos
+    step from the k-th on, every power iteration), for convergence plots.
     """
 
     eigenvalues: Tensor

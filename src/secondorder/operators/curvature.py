@@ -50,6 +50,9 @@ class CurvatureOperator(LinearOperator):
         batch_size_fn: the number of samples in a batch, when the first tensor of a batch
             does not say it.
         seed: seeds the per-batch RNG for dropout masks.
+        backend: ``"loop"`` (one double backward per probe on the retained graph), ``"vmap"``
+            (one batched backward per chunk of probes), or ``"auto"``: vmap on GPU, loop on CPU,
+            as measured in ``benchmarks/README.md``.
     """
 
     def __init__(
@@ -64,11 +67,14 @@ class CurvatureOperator(LinearOperator):
         blocks: str = "module",
         batch_size_fn: Callable[[Any], int] | None = None,
         seed: int = 0,
+        backend: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if backend not in ("auto", "loop", "vmap"):
+            raise ValueError(f"backend must be 'auto', 'loop' or 'vmap', got {backend!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
         named = select_parameters(model, params)
@@ -84,6 +90,7 @@ class CurvatureOperator(LinearOperator):
         self.shape = (P, P)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.chunk_size, self.batch_size_fn, self.seed = chunk_size, batch_size_fn, seed
+        self.vectorize = backend == "vmap" or (backend == "auto" and self.device.type == "cuda")
         self.num_matvecs = 0
 
     # ---- per batch -------------------------------------------------------------------
@@ -113,8 +120,8 @@ class CurvatureOperator(LinearOperator):
         raise NotImplementedError
 
     # ---- data-set accumulation -------------------------------------------------------------
-    def _matmat(self, V: Tensor) -> Tensor:
-        rows = V.T.contiguous()  # probes as rows; free when V is column-major, as the probes are
+    def _accumulate(self, rows: Tensor, name_nonfinite: bool = False) -> tuple[Tensor, int]:
+        """``sum_b n_b * (C_b rows)`` and ``sum_b n_b``; optionally stop at the first non-finite batch."""
         total = torch.zeros_like(rows)
         count = 0
         with untouched(self.model, self.device):
@@ -122,11 +129,18 @@ class CurvatureOperator(LinearOperator):
                 batch = to_device(batch, self.device)
                 n = batch_size(batch, self.batch_size_fn)
                 self._batch_product(batch, index, rows, total, float(n))
-                if not torch.isfinite(total).all():
+                if name_nonfinite and not torch.isfinite(total).all():
                     raise NonFiniteError(f"the curvature product of batch {index} is not finite")
                 count += n
+        return total, count
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        rows = V.T.contiguous()  # probes as rows; free when V is column-major, as the probes are
+        total, count = self._accumulate(rows)
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
+        if not torch.isfinite(total.sum()) and not torch.isfinite(total).all():
+            self._accumulate(rows, name_nonfinite=True)  # rare path: run again to name the batch
         return total.div_(count).T
 
 
@@ -140,7 +154,7 @@ class HessianOperator(CurvatureOperator):
 
     def _batch_product(self, batch: Any, index: int, V: Tensor, out: Tensor, weight: float) -> None:
         loss = self._loss(self._outputs(batch, index), batch, index)
-        hessian_product(loss, self.params, V, out, weight, self.chunk_size)
+        hessian_product(loss, self.params, V, out, weight, self.chunk_size, self.vectorize)
 
 
 class GGNOperator(CurvatureOperator):
@@ -165,4 +179,4 @@ class GGNOperator(CurvatureOperator):
         if not isinstance(outputs, Tensor):
             raise TypeError(f"GGNOperator needs the model to return a tensor; batch {index} gave {type(outputs).__name__}")
         hessian = output_hessian(self.loss_fn, outputs, batch[1])
-        ggn_product(outputs, hessian, self.params, V, out, weight, self.chunk_size)
+        ggn_product(outputs, hessian, self.params, V, out, weight, self.chunk_size, self.vectorize)

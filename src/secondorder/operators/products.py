@@ -1,12 +1,19 @@
-r"""Pure per-batch curvature products: one forward graph serves all K probes.
+r"""Pure per-batch curvature products: one forward and one gradient graph serve all K probes.
 
 Both products take the probes as a ``[K, P]`` block (one probe per row) and add
 ``weight`` times their products into a ``[K, P]`` accumulator, one parameter slice at a time
-(no extra ``[K, P]`` copies: memory is what bounds the probe count). Probes are processed ``chunk_size`` at a time through one retained graph,
-each chunk with a single batched backward (``torch.autograd.grad(..., is_grads_batched=True)``,
-which vmaps the backward over the chunk). We chose reverse-over-reverse by measurement:
-on the 784-256-256-10 MLP with 16 probes it ran as fast as forward-over-reverse
-(``vmap(jvp(grad))``) and needs less memory per probe (see ``benchmarks/README.md``).
+(no extra ``[K, P]`` copies). The graph is built once per batch and retained across probes,
+which are then differentiated either
+
+* one at a time (``vectorize=False``), each a plain double backward through the retained
+  graph, or
+* ``chunk_size`` at a time (``vectorize=True``), each chunk one batched backward
+  (``torch.autograd.grad(..., is_grads_batched=True)``, a vmap over the chunk).
+
+Which is faster is a property of the hardware, chosen by measurement (``benchmarks/README.md``):
+on a 2-core CPU the batched backward was no faster per probe for an MLP and twice as slow for
+a small CNN (vmapped convolution backward), and forward-over-reverse (``vmap(jvp(grad))``) was
+no better, so the operators loop on CPU and batch on GPU, where batching fills the device.
 
 * Hessian (Pearlmutter 1994): :math:`Hv = \nabla_\theta (\nabla_\theta L \cdot v)`.
 * Gauss-Newton: :math:`Gv = J^\top H_\ell J v`; :math:`Jv` by the double-backward trick
@@ -24,8 +31,8 @@ from torch import Tensor
 from secondorder.operators.params import add_rows, split_rows
 
 
-def _chunks(V: Tensor, chunk_size: int | None) -> Iterator[tuple[Tensor, bool]]:
-    pieces = V.split(chunk_size or V.shape[0])
+def _chunks(V: Tensor, chunk_size: int | None, vectorize: bool) -> Iterator[tuple[Tensor, bool]]:
+    pieces = V.split((chunk_size or V.shape[0]) if vectorize else 1)
     for i, chunk in enumerate(pieces):
         yield chunk, i == len(pieces) - 1
 
@@ -43,7 +50,13 @@ def _batched_grad(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[
 
 
 def hessian_product(
-    loss: Tensor, params: list[Tensor], V: Tensor, out: Tensor, weight: float = 1.0, chunk_size: int | None = None
+    loss: Tensor,
+    params: list[Tensor],
+    V: Tensor,
+    out: Tensor,
+    weight: float = 1.0,
+    chunk_size: int | None = None,
+    vectorize: bool = False,
 ) -> None:
     """``out[k] += weight * H v_k`` for the Hessian of the scalar ``loss`` w.r.t. ``params`` (``V``, ``out``: ``[K, P]``)."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -51,7 +64,7 @@ def hessian_product(
     if not live:  # every parameter enters at most linearly: zero curvature
         return
     start = 0
-    for chunk, last in _chunks(V, chunk_size):
+    for chunk, last in _chunks(V, chunk_size, vectorize):
         pieces = split_rows(chunk, params)
         hv = _batched_grad([grads[i] for i in live], params, [pieces[i] for i in live], retain=not last)
         add_rows(out[start : start + chunk.shape[0]], hv, params, weight)
@@ -66,6 +79,7 @@ def ggn_product(
     out: Tensor,
     weight: float = 1.0,
     chunk_size: int | None = None,
+    vectorize: bool = False,
 ) -> None:
     """``out[k] += weight * J^T H_l J v_k`` for model ``outputs`` and an output-space Hessian product."""
     dummy = torch.zeros_like(outputs, requires_grad=True)
@@ -74,7 +88,7 @@ def ggn_product(
     if not live:
         return
     start = 0
-    for chunk, last in _chunks(V, chunk_size):
+    for chunk, last in _chunks(V, chunk_size, vectorize):
         pieces = split_rows(chunk, params)
         (jv,) = _batched_grad([jt_dummy[i] for i in live], [dummy], [pieces[i] for i in live], retain=True)
         gv = _batched_grad([outputs], params, [loss_hessian(jv)], retain=not last)
