@@ -285,10 +285,12 @@ def per_hvp_times(name, model, X, y, reps, K=16):
     fr_flat = torch.cat([fr[n].reshape(K, -1) for n in names], dim=1).T
     agree_fr = float((fr_flat - HV_ph).norm() / HV_ph.norm())
 
-    t_ours, t_theirs, t_single, t_grad, t_build, t_fr = best_times(
-        [ours, theirs, lambda: A @ v1, gradient, build, fwd_rev], reps
+    V_col = V.T.contiguous().T  # same values, column-major: the layout of the library's own probes
+    A_vmap = secondorder.HessianOperator(model, loss_fn, (X, y), backend="vmap")
+    t_ours, t_theirs, t_single, t_grad, t_build, t_fr, t_col, t_vmap = best_times(
+        [ours, theirs, lambda: A @ v1, gradient, build, fwd_rev, lambda: A @ V_col, lambda: A_vmap @ V_col], reps
     )
-    t_ours, t_theirs, t_fr = t_ours / K, t_theirs / K, t_fr / K
+    t_ours, t_theirs, t_fr, t_col, t_vmap = t_ours / K, t_theirs / K, t_fr / K, t_col / K, t_vmap / K
     # PyHessian's per-HVP time excludes its graph construction; ours includes the forward and
     # backward that every call makes (amortized over the K probes).
     print(
@@ -301,7 +303,7 @@ def per_hvp_times(name, model, X, y, reps, K=16):
         flush=True,
     )
     return dict(P=P, ours=t_ours, theirs=t_theirs, build=t_build, grad=t_grad, agree=agree, single=t_single,
-                fwd_rev=t_fr)
+                fwd_rev=t_fr, colmajor=t_col, vmap=t_vmap)
 
 
 def target1(args) -> tuple[list[Row], dict]:
@@ -325,6 +327,10 @@ def target1(args) -> tuple[list[Row], dict]:
     rows.append(Row("1b", "CNN 1x28x28, batch 128: time per HVP", c["ours"] * 1e3, c["theirs"] * 1e3,
                     c["ours"] / c["theirs"], "<= 0.6", ok and c["ours"] / c["theirs"] <= 0.6, "ms"))
     for tag, d, label in (("1a (info)", r, "MLP"), ("1b (info)", c, "CNN")):
+        rows.append(Row(tag, f"{label}: time per HVP, column-major V (the library's probe layout)",
+                        d["colmajor"] * 1e3, d["theirs"] * 1e3, d["colmajor"] / d["theirs"], "info", None, "ms"))
+        rows.append(Row(tag, f"{label}: time per HVP, backend='vmap' (batched double backward), column-major V",
+                        d["vmap"] * 1e3, d["theirs"] * 1e3, d["vmap"] / d["theirs"], "info", None, "ms"))
         rows.append(Row(tag, f"{label}: time per HVP, forward-over-reverse vmap(jvp(grad)), 16 probes",
                         d["fwd_rev"] * 1e3, d["theirs"] * 1e3, d["fwd_rev"] / d["theirs"], "info", None, "ms"))
     ratio = r["ours"] / r["grad"]
@@ -539,9 +545,14 @@ def target4(args) -> tuple[list[Row], dict]:
     exact_mag = evals[evals.abs().argsort(descending=True)][:k]  # largest magnitude (what power iteration finds)
 
     A = secondorder.HessianOperator(model, loss_fn, (X, y))
+    # the target asks for 1e-6: a relative residual tolerance of 1e-6 certifies |lambda - theta| <= 1e-6 ||A||
+    # (Bauer-Fike); the library's default (1e-10 in float64) is reported as an info row
+    tol = 1e-6
     t0 = time.perf_counter()
-    res = secondorder.eigenvalues(A, k, seed=0)
+    res = secondorder.eigenvalues(A, k, seed=0, tol=tol)
     t_ours = time.perf_counter() - t0
+    strict = secondorder.eigenvalues(A, k, seed=0)
+    err_strict = float(((strict.eigenvalues.double() - exact_top).abs() / exact_top.abs()).max())
     ours = res.eigenvalues.double()
     err_ours = float(((ours - exact_top).abs() / exact_top.abs()).max())
 
@@ -583,9 +594,11 @@ def target4(args) -> tuple[list[Row], dict]:
     )
     ratio = res.num_matvecs / n_ph
     rows = [
-        Row("4a", "top-5 eigenvalues: max relative error", err_ours, err_ph, None, "ours <= 1e-6",
+        Row("4a", "top-5 eigenvalues (tol=1e-6): max relative error", err_ours, err_ph, None, "ours <= 1e-6",
             err_ours <= 1e-6 and bool(res.converged.all())),
-        Row("4b", "top-5 eigenvalues: matvecs", res.num_matvecs, n_ph, ratio, "<= 1/3", ratio <= 1 / 3),
+        Row("4b", "top-5 eigenvalues: matvecs (tol=1e-6)", res.num_matvecs, n_ph, ratio, "<= 1/3", ratio <= 1 / 3),
+        Row("4 (info)", f"default tol 1e-10: matvecs (max rel. error {err_strict:.1e})", strict.num_matvecs, n_ph,
+            strict.num_matvecs / n_ph, "info", None),
     ]
     # both counts depend on the random start: repeat over seeds 1..9 (info)
     sweep = {"ours": [res.num_matvecs], "theirs": [n_ph], "err_ours": [err_ours], "err_ph": [err_ph]}
@@ -593,7 +606,7 @@ def target4(args) -> tuple[list[Row], dict]:
         mod.hessian_vector_product = counting
         try:
             for seed in range(1, 10):
-                r = secondorder.eigenvalues(A, k, seed=seed)
+                r = secondorder.eigenvalues(A, k, seed=seed, tol=tol)
                 sweep["ours"].append(r.num_matvecs)
                 sweep["err_ours"].append(float(((r.eigenvalues.double() - exact_top).abs() / exact_top.abs()).max()))
                 counter["n"] = 0
