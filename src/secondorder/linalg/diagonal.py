@@ -15,9 +15,10 @@ import math
 import torch
 from torch import Tensor
 
-from secondorder.linalg.probes import Seed, check_budget, chunk_sizes, make_generator, rademacher
+from secondorder.linalg.probes import Seed, chunk_sizes, rademacher, run_estimator
 from secondorder.linalg.results import DiagonalResult
-from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.linalg.sketch import leave_one_out_sketch
+from secondorder.operators.base import LinearOperator
 
 
 def _hutchinson(A: LinearOperator, m: int, gen: torch.Generator) -> Tensor:
@@ -39,19 +40,12 @@ def _hutchinson(A: LinearOperator, m: int, gen: torch.Generator) -> Tensor:
 
 
 def _xdiag(A: LinearOperator, m: int, gen: torch.Generator) -> Tensor:
-    s = m // 2
-    Omega = rademacher(A, s, gen)
-    Y = A @ Omega
-    Q, R = torch.linalg.qr(Y)
-    Z = A @ Q
-    S = torch.linalg.solve_triangular(R, torch.eye(s, dtype=R.dtype, device=R.device), upper=True).T
-    if not torch.isfinite(S).all():
-        raise ValueError("XDiag's sketch is rank deficient (rank < num_matvecs/2); use method='hutchinson'")
-    S = S / S.norm(dim=0, keepdim=True)
+    sk = leave_one_out_sketch(A, m // 2, gen, "XDiag")
+    Q, Z, S = sk.Q, sk.Z, sk.S
     projected = (Q * Z).sum(1, keepdim=True) - (Q @ S) * (Z @ S)  # diag(Pi_i A), one column per i
-    R_loo = R - S * (S * R).sum(0, keepdim=True)  # Q^T-coefficients of Pi_i A w_i
-    estimates = projected + Omega * (Y - Q @ R_loo)
-    return torch.stack([estimates.mean(1), estimates.std(1) / math.sqrt(s)], dim=1)
+    R_loo = sk.R - S * (S * sk.R).sum(0, keepdim=True)  # Q^T-coefficients of Pi_i A w_i
+    estimates = projected + sk.Omega * (sk.Y - Q @ R_loo)
+    return torch.stack([estimates.mean(1), estimates.std(1) / math.sqrt(S.shape[1])], dim=1)
 
 
 _METHODS = {"hutchinson": (_hutchinson, 1), "xdiag": (_xdiag, 4)}
@@ -69,13 +63,5 @@ def diagonal(A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutchi
     Returns:
         :class:`DiagonalResult` with ``value`` ``[P]`` and per-entry ``stderr`` ``[P]``.
     """
-    A = as_operator(A)
-    if method not in _METHODS:
-        raise ValueError(f"unknown diagonal method {method!r}; choose one of {sorted(_METHODS)}")
-    estimator, minimum = _METHODS[method]
-    check_budget(num_matvecs, minimum, method)
-    gen = make_generator(seed, A.device)
-    start = A.num_matvecs
-    with torch.no_grad():
-        out = estimator(A, num_matvecs, gen)
-    return DiagonalResult(value=out[:, 0], stderr=out[:, 1], num_matvecs=A.num_matvecs - start, method=method)
+    _, out, used = run_estimator(A, num_matvecs, method, _METHODS, seed, "diagonal")
+    return DiagonalResult(value=out[:, 0], stderr=out[:, 1], num_matvecs=used, method=method)

@@ -17,7 +17,6 @@ r"""Extreme eigenpairs of a symmetric operator.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from secondorder.operators.base import Block, LinearOperator
+from typing import Callable
+
+from secondorder.operators.base import Block, LinearOperator, as_operator
 
 Seed = int | torch.Generator | None
 
@@ -45,3 +47,27 @@ def check_budget(num_matvecs: int, minimum: int, method: str) -> None:
     """Reject a matvec budget below what the method needs."""
     if not isinstance(num_matvecs, int) or num_matvecs < minimum:
         raise ValueError(f"{method} needs num_matvecs >= {minimum} (an integer), got {num_matvecs!r}")
+
+
+def run_estimator(
+    A: LinearOperator | Tensor,
+    num_matvecs: int,
+    method: str,
+    methods: dict[str, tuple[Callable, int]],
+    seed: Seed,
+    what: str,
+) -> tuple[LinearOperator, object, int]:
+    """Validate and run ``methods[method] = (estimator, minimum budget)`` on ``A``.
+
+    Returns the operator, the estimator's output and the number of products it spent.
+    """
+    A = as_operator(A)
+    if method not in methods:
+        raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(methods)}")
+    estimator, minimum = methods[method]
+    check_budget(num_matvecs, minimum, method)
+    gen = make_generator(seed, A.device)
+    start = A.num_matvecs
+    with torch.no_grad():
+        out = estimator(A, num_matvecs, gen)
+    return A, out, A.num_matvecs - start

@@ -23,9 +23,10 @@ import math
 import torch
 from torch import Tensor
 
-from secondorder.linalg.probes import Seed, block_sums, check_budget, chunk_sizes, make_generator, rademacher
+from secondorder.linalg.probes import Seed, block_sums, chunk_sizes, rademacher, run_estimator
 from secondorder.linalg.results import BlockTrace, TraceResult
-from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.linalg.sketch import leave_one_out_sketch
+from secondorder.operators.base import LinearOperator
 
 
 def _summarize(exact: Tensor, samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,20 +58,12 @@ def _hutchpp(A: LinearOperator, m: int, gen: torch.Generator) -> tuple[Tensor, T
 
 
 def _xtrace(A: LinearOperator, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    s = m // 2
-    Omega = rademacher(A, s, gen)
-    Y = A @ Omega
-    Q, R = torch.linalg.qr(Y)
-    Z = A @ Q
-    # s_i spans the direction of span(Y) that only column i contributes: normalized R^{-T} e_i
-    S = torch.linalg.solve_triangular(R, torch.eye(s, dtype=R.dtype, device=R.device), upper=True).T
-    if not torch.isfinite(S).all():
-        raise ValueError("XTrace's sketch is rank deficient (the operator has rank < num_matvecs/2); use hutch++")
-    S = S / S.norm(dim=0, keepdim=True)
-    C = Q.T @ Omega
+    sk = leave_one_out_sketch(A, m // 2, gen, "XTrace")
+    Q, Z, S = sk.Q, sk.Z, sk.S
+    C = Q.T @ sk.Omega
     C_loo = C - S * (S * C).sum(0, keepdim=True)  # column i: (I - s_i s_i^T) Q^T w_i
-    W = Omega - Q @ C_loo  # (I - Pi_i) w_i
-    AW = Y - Z @ C_loo
+    W = sk.Omega - Q @ C_loo  # (I - Pi_i) w_i
+    AW = sk.Y - Z @ C_loo
     M = torch.stack([Q[b.start : b.stop].T @ Z[b.start : b.stop] for b in A.blocks])  # Q^T P_b A Q
     exact = M.diagonal(dim1=1, dim2=2).sum(-1)
     samples = block_sums(W * AW, A.blocks) - torch.einsum("ki,bkl,li->bi", S, M, S)
@@ -98,21 +91,13 @@ def trace(A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutch++",
         >>> abs(r.value - 5050) < 4 * r.stderr
         True
     """
-    A = as_operator(A)
-    if method not in _METHODS:
-        raise ValueError(f"unknown trace method {method!r}; choose one of {sorted(_METHODS)}")
-    estimator, minimum = _METHODS[method]
-    check_budget(num_matvecs, minimum, method)
-    gen = make_generator(seed, A.device)
-    start = A.num_matvecs
-    with torch.no_grad():
-        exact, samples = estimator(A, num_matvecs, gen)
+    A, (exact, samples), used = run_estimator(A, num_matvecs, method, _METHODS, seed, "trace")
     values, stderrs = _summarize(exact, samples)
     total, total_stderr = _summarize(exact.sum(0, keepdim=True), samples.sum(0, keepdim=True))
     blocks = tuple(
         BlockTrace(b.name, b.size, float(v), float(e)) for b, v, e in zip(A.blocks, values.tolist(), stderrs.tolist())
     )
     return TraceResult(
-        value=float(total), stderr=float(total_stderr), num_matvecs=A.num_matvecs - start, method=method,
+        value=float(total), stderr=float(total_stderr), num_matvecs=used, method=method,
         dof=samples.shape[1] - 1, blocks=blocks,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 from typing import Callable, Iterable, Union
 
-import torch
 from torch import Tensor, nn
 
 from secondorder.operators.base import Block

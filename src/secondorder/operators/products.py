@@ -23,7 +23,7 @@ no better, so the operators loop on CPU and batch on GPU, where batching fills t
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -31,10 +31,23 @@ from torch import Tensor
 from secondorder.operators.params import add_rows, split_rows
 
 
-def _chunks(V: Tensor, chunk_size: int | None, vectorize: bool) -> Iterator[tuple[Tensor, bool]]:
-    pieces = V.split((chunk_size or V.shape[0]) if vectorize else 1)
-    for i, chunk in enumerate(pieces):
-        yield chunk, i == len(pieces) - 1
+def _accumulate(
+    V: Tensor,
+    params: list[Tensor],
+    out: Tensor,
+    weight: float,
+    chunk_size: int | None,
+    vectorize: bool,
+    differentiate: Callable[[list[Tensor], bool], tuple],
+) -> None:
+    """Feed the probes chunk by chunk (one by one unless ``vectorize``) to ``differentiate``
+    (per-parameter cotangent pieces, is-last-chunk) -> per-parameter products, and add them up."""
+    chunks = V.split((chunk_size or V.shape[0]) if vectorize else 1)
+    start = 0
+    for i, chunk in enumerate(chunks):
+        products = differentiate(split_rows(chunk, params), i == len(chunks) - 1)
+        add_rows(out[start : start + chunk.shape[0]], products, params, weight)
+        start += chunk.shape[0]
 
 
 def _batched_grad(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[Tensor], retain: bool) -> tuple:
@@ -63,12 +76,11 @@ def hessian_product(
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not live:  # every parameter enters at most linearly: zero curvature
         return
-    start = 0
-    for chunk, last in _chunks(V, chunk_size, vectorize):
-        pieces = split_rows(chunk, params)
-        hv = _batched_grad([grads[i] for i in live], params, [pieces[i] for i in live], retain=not last)
-        add_rows(out[start : start + chunk.shape[0]], hv, params, weight)
-        start += chunk.shape[0]
+
+    def differentiate(pieces: list[Tensor], last: bool) -> tuple:
+        return _batched_grad([grads[i] for i in live], params, [pieces[i] for i in live], retain=not last)
+
+    _accumulate(V, params, out, weight, chunk_size, vectorize, differentiate)
 
 
 def ggn_product(
@@ -87,10 +99,9 @@ def ggn_product(
     live = [i for i, g in enumerate(jt_dummy) if g is not None and g.requires_grad]
     if not live:
         return
-    start = 0
-    for chunk, last in _chunks(V, chunk_size, vectorize):
-        pieces = split_rows(chunk, params)
+
+    def differentiate(pieces: list[Tensor], last: bool) -> tuple:
         (jv,) = _batched_grad([jt_dummy[i] for i in live], [dummy], [pieces[i] for i in live], retain=True)
-        gv = _batched_grad([outputs], params, [loss_hessian(jv)], retain=not last)
-        add_rows(out[start : start + chunk.shape[0]], gv, params, weight)
-        start += chunk.shape[0]
+        return _batched_grad([outputs], params, [loss_hessian(jv)], retain=not last)
+
+    _accumulate(V, params, out, weight, chunk_size, vectorize, differentiate)
