@@ -265,3 +265,20 @@ def test_operator_algebra():
     damped = H - 0.5 * G + 2.0 * IdentityOperator(H.shape[0], torch.float64)
     expected = H.to_dense() - 0.5 * G.to_dense() + 2.0 * torch.eye(H.shape[0], dtype=torch.float64)
     assert (damped.to_dense() - expected).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("operator", [HessianOperator, GGNOperator])
+@pytest.mark.parametrize("backend", ["loop", "vmap"])
+def test_quadratic_forms_reduce_without_the_product_block(operator, backend):
+    """Per-block v^T C v from int8 signs equals the block sums of V * (C V), and counts K products."""
+    model = mlp()
+    X, y = data("mlp", "ce")
+    A = operator(model, LOSSES["ce"], ragged(X, y), backend=backend, chunk_size=2)
+    signs = torch.randint(0, 2, (A.shape[0], 5), generator=_gen(4), dtype=torch.int8) * 2 - 1
+    V = signs.double()
+    expected = torch.stack([(V * (A @ V))[b.start : b.stop].sum(0) for b in A.blocks])
+    before = A.num_matvecs
+    forms = A.quadratic_forms(signs)
+    assert A.num_matvecs - before == 5
+    assert forms.shape == (len(A.blocks), 5)
+    assert (forms - expected).abs().max() <= 1e-12 * expected.abs().max()

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from typing import Callable
 
-from secondorder.operators.base import Block, LinearOperator, as_operator
+from secondorder.operators.base import LinearOperator, as_operator
 
 Seed = int | torch.Generator | None
 
@@ -26,15 +26,15 @@ def make_generator(seed: Seed, device: torch.device) -> torch.Generator:
     return gen
 
 
-def rademacher(A: LinearOperator, num: int, gen: torch.Generator) -> Tensor:
-    """A ``[P, num]`` block of independent +-1 entries in the operator's dtype and device."""
+def rademacher(A: LinearOperator, num: int, gen: torch.Generator, compact: bool = False) -> Tensor:
+    """A ``[P, num]`` block of independent +-1 entries on the operator's device.
+
+    In the operator's dtype, or as int8 with ``compact=True`` (a quarter of float32's memory).
+    Column-major: each probe is a contiguous row of the transpose.
+    """
     signs = torch.randint(0, 2, (num, A.shape[0]), generator=gen, device=gen.device, dtype=torch.int8)
-    return (signs.to(device=A.device, dtype=A.dtype) * 2 - 1).T  # column-major: probes are contiguous rows
-
-
-def block_sums(X: Tensor, blocks: tuple[Block, ...]) -> Tensor:
-    """Sum the rows of ``X`` ``[P, K]`` within each block: ``[num_blocks, K]``."""
-    return torch.stack([X[b.start : b.stop].sum(0) for b in blocks])
+    signs = signs.to(A.device).mul_(2).sub_(1)
+    return (signs if compact else signs.to(A.dtype)).T
 
 
 def chunk_sizes(A: LinearOperator, total: int) -> list[int]:

@@ -23,10 +23,10 @@ import math
 import torch
 from torch import Tensor
 
-from secondorder.linalg.probes import Seed, block_sums, chunk_sizes, rademacher, run_estimator
+from secondorder.linalg.probes import Seed, chunk_sizes, rademacher, run_estimator
 from secondorder.linalg.results import BlockTrace, TraceResult
 from secondorder.linalg.sketch import leave_one_out_sketch
-from secondorder.operators.base import LinearOperator
+from secondorder.operators.base import LinearOperator, block_sums
 
 
 def _summarize(exact: Tensor, samples: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,9 +38,8 @@ def _summarize(exact: Tensor, samples: Tensor) -> tuple[Tensor, Tensor]:
 
 def _hutchinson(A: LinearOperator, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     samples = []
-    for k in chunk_sizes(A, m):  # stream chunks: memory O(P * chunk)
-        Z = rademacher(A, k, gen)
-        samples.append(block_sums(Z * (A @ Z), A.blocks))
+    for k in chunk_sizes(A, m):  # stream chunks of int8 probes, reduced as they are multiplied
+        samples.append(A.quadratic_forms(rademacher(A, k, gen, compact=True)))
     samples_ = torch.cat(samples, dim=1)
     return torch.zeros(len(A.blocks), dtype=A.dtype, device=A.device), samples_
 

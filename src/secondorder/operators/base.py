@@ -52,7 +52,8 @@ class LinearOperator:
     def _matmat(self, V: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def __matmul__(self, V: Tensor) -> Tensor:
+    def _as_block(self, V: Tensor) -> Tensor:
+        """``V`` as a ``[P, K]`` block, or a clear error."""
         if not isinstance(V, Tensor):
             raise TypeError(f"an operator multiplies a torch.Tensor, got {type(V).__name__}")
         P = self.shape[0]
@@ -61,10 +62,22 @@ class LinearOperator:
                 f"operator of shape {self.shape} multiplies a vector [{P}] or a block [{P}, K]; "
                 f"got a tensor of shape {list(V.shape)}"
             )
-        V2 = (V if V.ndim == 2 else V.unsqueeze(1)).to(self.dtype)
+        return V if V.ndim == 2 else V.unsqueeze(1)
+
+    def __matmul__(self, V: Tensor) -> Tensor:
+        V2 = self._as_block(V).to(self.dtype)
         out = self._matmat(V2) if V2.shape[1] else V2.clone()
         self.num_matvecs += V2.shape[1]
         return out if V.ndim == 2 else out.squeeze(1)
+
+    def quadratic_forms(self, V: Tensor) -> Tensor:
+        """Per-block quadratic forms ``sum_{i in b} V[i, k] (A V)[i, k]``: ``[num_blocks, K]``.
+
+        What Hutchinson's trace needs. ``V`` may be compact (e.g. int8 signs); operators that
+        can, reduce each product as soon as it exists instead of holding ``A V``.
+        """
+        V2 = self._as_block(V).to(self.dtype)
+        return block_sums(V2 * (self @ V2), self.blocks)
 
     # ---- algebra -----------------------------------------------------------------
     def __add__(self, other: LinearOperator) -> LinearOperator:
@@ -112,6 +125,11 @@ class LinearOperator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, blocks={len(self.blocks)})"
+
+
+def block_sums(X: Tensor, blocks: tuple[Block, ...]) -> Tensor:
+    """Sum the rows of ``X`` ``[P, K]`` within each block: ``[num_blocks, K]``."""
+    return torch.stack([X[b.start : b.stop].sum(0) for b in blocks])
 
 
 def _single_block(P: int) -> tuple[Block, ...]:

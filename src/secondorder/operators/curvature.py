@@ -26,7 +26,8 @@ from secondorder.operators.base import LinearOperator
 from secondorder.operators.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
 from secondorder.operators.output_hessians import output_hessian
 from secondorder.operators.params import ParamSelector, make_blocks, select_parameters
-from secondorder.operators.products import ggn_product, hessian_product
+from secondorder.operators.products import Sink, ggn_product, hessian_product
+from secondorder.operators.sinks import product_sink, quadratic_form_sink
 
 
 class NonFiniteError(FloatingPointError):
@@ -86,6 +87,7 @@ class CurvatureOperator(LinearOperator):
         self.param_names = tuple(n for n, _ in named)
         self.params = [p for _, p in named]
         self.blocks = make_blocks(named, blocks)
+        self._block_of_param = [i for i, b in enumerate(self.blocks) for _ in b.params]
         P = sum(p.numel() for p in self.params)
         self.shape = (P, P)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
@@ -116,32 +118,43 @@ class CurvatureOperator(LinearOperator):
             )
         return call_model(self.model, batch[0])
 
-    def _batch_product(self, batch: Any, index: int, V: Tensor, out: Tensor, weight: float) -> None:
+    def _batch_product(self, batch: Any, index: int, V: Tensor, sink: Sink) -> None:
         raise NotImplementedError
 
     # ---- data-set accumulation -------------------------------------------------------------
-    def _accumulate(self, rows: Tensor, name_nonfinite: bool = False) -> tuple[Tensor, int]:
-        """``sum_b n_b * (C_b rows)`` and ``sum_b n_b``; optionally stop at the first non-finite batch."""
-        total = torch.zeros_like(rows)
+    def _reduce(self, rows: Tensor, out: Tensor, make_sink: Callable, name_nonfinite: bool = False) -> Tensor:
+        """``sum_b n_b * sink(C_b rows) / sum_b n_b`` into ``out``; names the first non-finite batch."""
         count = 0
         with untouched(self.model, self.device):
             for index, batch in seeded_batches(self.data, self.seed, self.device):
                 batch = to_device(batch, self.device)
                 n = batch_size(batch, self.batch_size_fn)
-                self._batch_product(batch, index, rows, total, float(n))
-                if name_nonfinite and not torch.isfinite(total).all():
+                self._batch_product(batch, index, rows, make_sink(out, float(n)))
+                if name_nonfinite and not torch.isfinite(out).all():
                     raise NonFiniteError(f"the curvature product of batch {index} is not finite")
                 count += n
-        return total, count
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        rows = V.T.contiguous()  # probes as rows; free when V is column-major, as the probes are
-        total, count = self._accumulate(rows)
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
-        if not torch.isfinite(total.sum()) and not torch.isfinite(total).all():
-            self._accumulate(rows, name_nonfinite=True)  # rare path: run again to name the batch
-        return total.div_(count).T
+        if not name_nonfinite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
+            self._reduce(rows, torch.zeros_like(out), make_sink, name_nonfinite=True)  # rare: run again to name it
+        return out.div_(count)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        rows = V.T.contiguous()  # probes as rows; free when V is column-major, as our probes are
+        out = torch.zeros_like(rows)
+        return self._reduce(rows, out, lambda acc, w: product_sink(acc, self.params, w)).T
+
+    def quadratic_forms(self, V: Tensor) -> Tensor:
+        """Per-block ``v^T C v`` without holding ``C V``: each product is reduced when it exists.
+
+        ``V`` may be int8 signs (converted one chunk at a time), so a chunk of probes costs a
+        quarter of float32's memory and no block of products is ever stored.
+        """
+        rows = self._as_block(V).T.contiguous()
+        out = torch.zeros(len(self.blocks), rows.shape[0], dtype=self.dtype, device=self.device)
+        result = self._reduce(rows, out, lambda acc, w: quadratic_form_sink(acc, self._block_of_param, w))
+        self.num_matvecs += rows.shape[0]
+        return result
 
 
 class HessianOperator(CurvatureOperator):
@@ -152,9 +165,9 @@ class HessianOperator(CurvatureOperator):
     has zero curvature (zero rows), not an error.
     """
 
-    def _batch_product(self, batch: Any, index: int, V: Tensor, out: Tensor, weight: float) -> None:
+    def _batch_product(self, batch: Any, index: int, V: Tensor, sink: Sink) -> None:
         loss = self._loss(self._outputs(batch, index), batch, index)
-        hessian_product(loss, self.params, V, out, weight, self.chunk_size, self.vectorize)
+        hessian_product(loss, self.params, V, sink, self.chunk_size, self.vectorize)
 
 
 class GGNOperator(CurvatureOperator):
@@ -173,10 +186,10 @@ class GGNOperator(CurvatureOperator):
             )
         super().__init__(model, loss_fn, data, params, **kwargs)
 
-    def _batch_product(self, batch: Any, index: int, V: Tensor, out: Tensor, weight: float) -> None:
+    def _batch_product(self, batch: Any, index: int, V: Tensor, sink: Sink) -> None:
         outputs = self._outputs(batch, index)
         self._loss(outputs, batch, index)
         if not isinstance(outputs, Tensor):
             raise TypeError(f"GGNOperator needs the model to return a tensor; batch {index} gave {type(outputs).__name__}")
         hessian = output_hessian(self.loss_fn, outputs, batch[1])
-        ggn_product(outputs, hessian, self.params, V, out, weight, self.chunk_size, self.vectorize)
+        ggn_product(outputs, hessian, self.params, V, sink, self.chunk_size, self.vectorize)

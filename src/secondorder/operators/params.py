@@ -76,16 +76,3 @@ def split_rows(V: Tensor, params: list[Tensor]) -> list[Tensor]:
         out.append(V[:, offset : offset + n].view(V.shape[0], *p.shape))
         offset += n
     return out
-
-
-def add_rows(out: Tensor, pieces: tuple[Tensor | None, ...], params: list[Tensor], weight: float) -> None:
-    """Inverse of :func:`split_rows`, accumulating ``out[:, slice_i] += weight * pieces[i]``.
-
-    ``None`` pieces (no dependence on that parameter) add nothing.
-    """
-    offset = 0
-    for piece, p in zip(pieces, params):
-        n = p.numel()
-        if piece is not None:
-            out[:, offset : offset + n].add_(piece.reshape(out.shape[0], n), alpha=weight)
-        offset += n

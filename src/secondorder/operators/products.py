@@ -1,8 +1,9 @@
 r"""Pure per-batch curvature products: one forward and one gradient graph serve all K probes.
 
-Both products take the probes as a ``[K, P]`` block (one probe per row) and add
-``weight`` times their products into a ``[K, P]`` accumulator, one parameter slice at a time
-(no extra ``[K, P]`` copies). The graph is built once per batch and retained across probes,
+Both products take the probes as a ``[K, P]`` block (one probe per row, possibly compact
+int8 signs, converted chunk by chunk) and hand each chunk's per-parameter products to a
+``sink`` (:mod:`secondorder.operators.sinks`) that adds them up or reduces them to quadratic
+forms at once, so no ``[K, P]`` block of products need exist. The graph is built once per batch and retained across probes,
 which are then differentiated either
 
 * one at a time (``vectorize=False``), each a plain double backward through the retained
@@ -28,25 +29,27 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from secondorder.operators.params import add_rows, split_rows
+from secondorder.operators.params import split_rows
+
+Sink = Callable[[int, list[Tensor], tuple], None]
+"""Receives (index of the chunk's first probe, its cotangent pieces, its per-parameter products)."""
 
 
 def _accumulate(
     V: Tensor,
     params: list[Tensor],
-    out: Tensor,
-    weight: float,
     chunk_size: int | None,
     vectorize: bool,
     differentiate: Callable[[list[Tensor], bool], tuple],
+    sink: Sink,
 ) -> None:
     """Feed the probes chunk by chunk (one by one unless ``vectorize``) to ``differentiate``
-    (per-parameter cotangent pieces, is-last-chunk) -> per-parameter products, and add them up."""
+    (per-parameter cotangent pieces, is-last-chunk) -> per-parameter products, and on to ``sink``."""
     chunks = V.split((chunk_size or V.shape[0]) if vectorize else 1)
     start = 0
     for i, chunk in enumerate(chunks):
-        products = differentiate(split_rows(chunk, params), i == len(chunks) - 1)
-        add_rows(out[start : start + chunk.shape[0]], products, params, weight)
+        pieces = split_rows(chunk.to(params[0].dtype), params)
+        sink(start, pieces, differentiate(pieces, i == len(chunks) - 1))
         start += chunk.shape[0]
 
 
@@ -66,12 +69,11 @@ def hessian_product(
     loss: Tensor,
     params: list[Tensor],
     V: Tensor,
-    out: Tensor,
-    weight: float = 1.0,
+    sink: Sink,
     chunk_size: int | None = None,
     vectorize: bool = False,
 ) -> None:
-    """``out[k] += weight * H v_k`` for the Hessian of the scalar ``loss`` w.r.t. ``params`` (``V``, ``out``: ``[K, P]``)."""
+    """Products ``H v_k`` for the Hessian of the scalar ``loss`` w.r.t. ``params``, for the rows of ``V``, into ``sink``."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     if not live:  # every parameter enters at most linearly: zero curvature
@@ -80,7 +82,7 @@ def hessian_product(
     def differentiate(pieces: list[Tensor], last: bool) -> tuple:
         return _batched_grad([grads[i] for i in live], params, [pieces[i] for i in live], retain=not last)
 
-    _accumulate(V, params, out, weight, chunk_size, vectorize, differentiate)
+    _accumulate(V, params, chunk_size, vectorize, differentiate, sink)
 
 
 def ggn_product(
@@ -88,12 +90,11 @@ def ggn_product(
     loss_hessian: Callable[[Tensor], Tensor],
     params: list[Tensor],
     V: Tensor,
-    out: Tensor,
-    weight: float = 1.0,
+    sink: Sink,
     chunk_size: int | None = None,
     vectorize: bool = False,
 ) -> None:
-    """``out[k] += weight * J^T H_l J v_k`` for model ``outputs`` and an output-space Hessian product."""
+    """Products ``J^T H_l J v_k`` for model ``outputs`` and an output-space Hessian product, into ``sink``."""
     dummy = torch.zeros_like(outputs, requires_grad=True)
     jt_dummy = torch.autograd.grad(outputs, params, dummy, create_graph=True, allow_unused=True)
     live = [i for i, g in enumerate(jt_dummy) if g is not None and g.requires_grad]
@@ -104,4 +105,4 @@ def ggn_product(
         (jv,) = _batched_grad([jt_dummy[i] for i in live], [dummy], [pieces[i] for i in live], retain=True)
         return _batched_grad([outputs], params, [loss_hessian(jv)], retain=not last)
 
-    _accumulate(V, params, out, weight, chunk_size, vectorize, differentiate)
+    _accumulate(V, params, chunk_size, vectorize, differentiate, sink)
