@@ -46,7 +46,9 @@ class CurvatureOperator(LinearOperator):
         params: ``None`` for all trainable parameters, names or module prefixes, or a
             ``(name, parameter) -> bool`` filter.
         closure: select the ``loss_fn(model, batch)`` form explicitly.
-        chunk_size: at most this many probes share one batched backward (bounds memory).
+        chunk_size: with ``backend="vmap"``, at most this many probes share one batched
+            backward (bounds the vmapped intermediates); for every backend, Hutchinson traces
+            and diagonals stream their probes in blocks of this size (bounds the probe memory).
         blocks: ``"module"`` (one block per layer) or ``"parameter"`` (per tensor).
         batch_size_fn: the number of samples in a batch, when the first tensor of a batch
             does not say it.
