@@ -53,7 +53,7 @@ def _hutchpp(A: LinearOperator, m: int, gen: torch.Generator) -> tuple[Tensor, T
     Q, _ = torch.linalg.qr(A @ rademacher(A, s, gen))
     exact = block_sums(Q * (A @ Q), A.blocks).sum(dim=1)
     G = _project_out(Q, rademacher(A, m - 2 * s, gen))
-    return exact, block_sums(G * (A @ G), A.blocks)
+    return exact, A.quadratic_forms(G)
 
 
 def _xtrace(A: LinearOperator, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -162,8 +162,8 @@ class CurvatureOperator(LinearOperator):
 class HessianOperator(CurvatureOperator):
     r"""The Hessian :math:`\nabla^2_\theta L` of the data-set mean loss (see :class:`CurvatureOperator`).
 
-    Exact Hessian-vector products (Pearlmutter 1994), all probes of a block in one batched
-    backward per batch. A parameter without gradient, or one that enters the loss linearly,
+    Exact Hessian-vector products (Pearlmutter 1994); per batch, all probes share one forward
+    and one gradient graph. A parameter without gradient, or one that enters the loss linearly,
     has zero curvature (zero rows), not an error.
     """
 

@@ -3,8 +3,8 @@ r"""Pure per-batch curvature products: one forward and one gradient graph serve 
 Both products take the probes as a ``[K, P]`` block (one probe per row, possibly compact
 int8 signs, converted chunk by chunk) and hand each chunk's per-parameter products to a
 ``sink`` (:mod:`secondorder.operators.sinks`) that adds them up or reduces them to quadratic
-forms at once, so no ``[K, P]`` block of products need exist. The graph is built once per batch and retained across probes,
-which are then differentiated either
+forms at once, so no ``[K, P]`` block of products need exist. The graph is built once per
+batch and retained across probes, which are then differentiated either
 
 * one at a time (``vectorize=False``), each a plain double backward through the retained
   graph, or
