@@ -65,6 +65,12 @@ def _batched_grad(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[
     )
 
 
+def _differentiable_grads(outputs: Tensor, params: list[Tensor], cotangent: Tensor | None = None) -> tuple:
+    """First derivatives built with a graph to differentiate again, and the indices that have one."""
+    grads = torch.autograd.grad(outputs, params, cotangent, create_graph=True, allow_unused=True)
+    return grads, [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+
 def hessian_product(
     loss: Tensor,
     params: list[Tensor],
@@ -74,8 +80,7 @@ def hessian_product(
     vectorize: bool = False,
 ) -> None:
     """Products ``H v_k`` for the Hessian of the scalar ``loss`` w.r.t. ``params``, for the rows of ``V``, into ``sink``."""
-    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    grads, live = _differentiable_grads(loss, params)
     if not live:  # every parameter enters at most linearly: zero curvature
         return
 
@@ -96,8 +101,7 @@ def ggn_product(
 ) -> None:
     """Products ``J^T H_l J v_k`` for model ``outputs`` and an output-space Hessian product, into ``sink``."""
     dummy = torch.zeros_like(outputs, requires_grad=True)
-    jt_dummy = torch.autograd.grad(outputs, params, dummy, create_graph=True, allow_unused=True)
-    live = [i for i, g in enumerate(jt_dummy) if g is not None and g.requires_grad]
+    jt_dummy, live = _differentiable_grads(outputs, params, dummy)
     if not live:
         return
 
