@@ -78,13 +78,13 @@ def _summary(args: argparse.Namespace) -> dict:
         problem.model, problem.loss_fn, problem.data, seed=args.seed
     )
     stages.set_postfix_str("trace")
-    tr = trace(operator, args.probes, seed=args.seed)
+    tr = trace(operator, args.probes, seed=args.seed, progress=not args.quiet)
     stages.update()
     stages.set_postfix_str("top eigenvalues")
-    eig = eigenvalues(operator, args.top_k, seed=args.seed)
+    eig = eigenvalues(operator, args.top_k, seed=args.seed, progress=not args.quiet)
     stages.update()
     stages.set_postfix_str("spectral density")
-    density = spectral_density(operator, args.slq_probes, args.slq_steps, seed=args.seed)
+    density = spectral_density(operator, args.slq_probes, args.slq_steps, seed=args.seed, progress=not args.quiet)
     stages.update()
     stages.close()
     with torch.no_grad():

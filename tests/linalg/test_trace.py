@@ -255,3 +255,21 @@ def test_seed_reproducible_and_global_rng_untouched(method, indefinite, spectra)
     assert fresh1.value != fresh2.value  # seed=None draws fresh OS entropy
     with pytest.raises(TypeError, match="seed must be"):
         secondorder.trace(A, M, method=method, seed="11")
+
+
+def test_progress_bar_changes_nothing_but_stderr(capsys):
+    """With progress=True a bar goes to stderr; the result and the matvec count are unchanged."""
+    A = torch.diag(torch.arange(1.0, 41.0, dtype=torch.float64))
+    for method in ("hutchinson", "hutch++", "xtrace"):
+        quiet = secondorder.trace(A, 12, method=method, seed=3)
+        shown = secondorder.trace(A, 12, method=method, seed=3, progress=True)
+        assert shown == quiet
+    eig = secondorder.eigenvalues(A, 2, seed=0, progress=True)
+    assert eig.num_matvecs == secondorder.eigenvalues(A, 2, seed=0).num_matvecs
+    sd = secondorder.spectral_density(A, 2, 10, seed=0, progress=True)
+    assert sd.num_matvecs == 20
+    sol = secondorder.solve(A, torch.ones(40, dtype=torch.float64), progress=True)
+    assert sol.num_matvecs == sol.iterations
+    assert secondorder.diagonal(A, 8, seed=0, progress=True).num_matvecs == 8
+    captured = capsys.readouterr()
+    assert "matvec" in captured.err and captured.out == ""

@@ -53,3 +53,14 @@ def test_per_layer_traces_sum_and_are_unbiased():
     one = so.trace(H, 12, seed=0)
     assert abs(sum(b.value for b in one.blocks) - one.value) <= 1e-12 * abs(one.value)
     assert one.block("2").per_parameter == one.block("2").value / 39
+
+
+def test_progress_wrapper_forwards_chunking_and_quadratic_forms(capsys):
+    model = wide_mlp()
+    X, y = data("mlp", "ce")
+    H = so.HessianOperator(model, F.cross_entropy, (X, y), chunk_size=2)
+    quiet = so.trace(H, 6, method="hutchinson", seed=1)
+    shown = so.trace(H, 6, method="hutchinson", seed=1, progress=True)
+    assert shown == quiet and shown.num_matvecs == 6
+    assert H.num_matvecs == 12
+    assert "trace (hutchinson)" in capsys.readouterr().err

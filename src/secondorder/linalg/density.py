@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from secondorder.linalg.probes import Seed, make_generator, rademacher
+from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SpectralDensityResult
 from secondorder.operators.base import LinearOperator, as_operator
 
@@ -25,6 +26,7 @@ def spectral_density(
     num_steps: int = 100,
     seed: Seed = None,
     reorthogonalize: bool = True,
+    progress: bool = False,
 ) -> SpectralDensityResult:
     """Stochastic Lanczos quadrature of a symmetric operator.
 
@@ -34,6 +36,7 @@ def spectral_density(
         num_steps: Lanczos steps per probe, capped at ``P``.
         seed: int, generator or ``None``.
         reorthogonalize: full reorthogonalization (default; memory ``num_probes * steps * P``).
+        progress: show a progress bar of the products on stderr.
 
     Returns:
         :class:`SpectralDensityResult` with real ``nodes`` and ``weights`` (rows sum to 1).
@@ -45,41 +48,48 @@ def spectral_density(
     P = A.shape[0]
     m = min(num_steps, P)
     gen = make_generator(seed, A.device)
+    with ticking(A, progress, num_probes * m, "spectral density (SLQ)") as op, torch.no_grad():
+        nodes, weights, used = _lanczos_quadrature(op, num_probes, m, gen, reorthogonalize)
+    return SpectralDensityResult(nodes=nodes, weights=weights, dimension=P, num_matvecs=used)
+
+
+def _lanczos_quadrature(A: LinearOperator, num_probes: int, m: int, gen, reorthogonalize: bool):
+    """``num_probes`` Lanczos runs of ``m`` steps advanced together: Gauss nodes, weights, products used."""
+    P = A.shape[0]
     eps = torch.finfo(A.dtype).eps
     start = A.num_matvecs
-    with torch.no_grad():
-        v = rademacher(A, num_probes, gen) / P**0.5
-        basis = [v]
-        alphas, betas = [], []
-        length = torch.full((num_probes,), m, dtype=torch.long)
-        active = torch.ones(num_probes, dtype=torch.bool)
-        prev, beta_prev = torch.zeros_like(v), torch.zeros(num_probes, dtype=A.dtype, device=A.device)
-        scale = torch.zeros(num_probes, dtype=torch.float64)
-        for j in range(m):
-            cols = active.nonzero().flatten().to(A.device)
-            w = torch.zeros_like(v)
-            w[:, cols] = A @ v[:, cols]
-            alpha = (v * w).sum(0)
-            w = w - alpha * v - beta_prev * prev
-            if reorthogonalize:
-                B = torch.stack(basis)  # [j+1, P, R]
-                for _ in range(2):
-                    w = w - torch.einsum("jpr,jr->pr", B, torch.einsum("jpr,pr->jr", B, w))
-            beta = w.norm(dim=0)
-            alphas.append(alpha)
-            scale = torch.maximum(scale, alpha.abs().double().cpu() + beta.double().cpu())
-            broke = active & (beta.double().cpu() <= 100 * eps * scale.clamp_min(1e-300))
-            if j == m - 1:
-                break
-            length[broke] = j + 1
-            active &= ~broke
-            beta = torch.where(active.to(A.device), beta, torch.zeros_like(beta))
-            betas.append(beta)
-            if not bool(active.any()):
-                break
-            prev, v = v, w / torch.where(beta > 0, beta, torch.ones_like(beta))
-            beta_prev = beta
-            basis.append(v)
+    v = rademacher(A, num_probes, gen) / P**0.5
+    basis = [v]
+    alphas, betas = [], []
+    length = torch.full((num_probes,), m, dtype=torch.long)
+    active = torch.ones(num_probes, dtype=torch.bool)
+    prev, beta_prev = torch.zeros_like(v), torch.zeros(num_probes, dtype=A.dtype, device=A.device)
+    scale = torch.zeros(num_probes, dtype=torch.float64)
+    for j in range(m):
+        cols = active.nonzero().flatten().to(A.device)
+        w = torch.zeros_like(v)
+        w[:, cols] = A @ v[:, cols]
+        alpha = (v * w).sum(0)
+        w = w - alpha * v - beta_prev * prev
+        if reorthogonalize:
+            B = torch.stack(basis)  # [j+1, P, R]
+            for _ in range(2):
+                w = w - torch.einsum("jpr,jr->pr", B, torch.einsum("jpr,pr->jr", B, w))
+        beta = w.norm(dim=0)
+        alphas.append(alpha)
+        scale = torch.maximum(scale, alpha.abs().double().cpu() + beta.double().cpu())
+        broke = active & (beta.double().cpu() <= 100 * eps * scale.clamp_min(1e-300))
+        if j == m - 1:
+            break
+        length[broke] = j + 1
+        active &= ~broke
+        beta = torch.where(active.to(A.device), beta, torch.zeros_like(beta))
+        betas.append(beta)
+        if not bool(active.any()):
+            break
+        prev, v = v, w / torch.where(beta > 0, beta, torch.ones_like(beta))
+        beta_prev = beta
+        basis.append(v)
     steps = len(alphas)
     nodes = torch.zeros(num_probes, m, dtype=torch.float64)
     weights = torch.zeros(num_probes, m, dtype=torch.float64)
@@ -91,4 +101,4 @@ def spectral_density(
         theta, S = torch.linalg.eigh(T)
         nodes[r, :L] = theta
         weights[r, :L] = S[0] ** 2
-    return SpectralDensityResult(nodes=nodes, weights=weights, dimension=P, num_matvecs=A.num_matvecs - start)
+    return nodes, weights, A.num_matvecs - start

@@ -51,7 +51,9 @@ def _xdiag(A: LinearOperator, m: int, gen: torch.Generator) -> Tensor:
 _METHODS = {"hutchinson": (_hutchinson, 1), "xdiag": (_xdiag, 4)}
 
 
-def diagonal(A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutchinson", seed: Seed = None) -> DiagonalResult:
+def diagonal(
+    A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutchinson", seed: Seed = None, progress: bool = False
+) -> DiagonalResult:
     """Estimate ``diag(A)`` with ``num_matvecs`` products.
 
     Args:
@@ -59,9 +61,10 @@ def diagonal(A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutchi
         num_matvecs: the budget (XDiag needs >= 4).
         method: ``"hutchinson"`` (default; streams probes in the operator's ``chunk_size``) or ``"xdiag"``.
         seed: an int, a ``torch.Generator`` or ``None``.
+        progress: show a progress bar of the products on stderr.
 
     Returns:
         :class:`DiagonalResult` with ``value`` ``[P]`` and per-entry ``stderr`` ``[P]``.
     """
-    _, out, used = run_estimator(A, num_matvecs, method, _METHODS, seed, "diagonal")
+    _, out, used = run_estimator(A, num_matvecs, method, _METHODS, seed, "diagonal", progress)
     return DiagonalResult(value=out[:, 0], stderr=out[:, 1], num_matvecs=used, method=method)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from secondorder.linalg.probes import Seed, make_generator
+from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import EigenResult
 from secondorder.operators.base import LinearOperator, as_operator
 
@@ -160,6 +161,7 @@ def eigenvalues(
     max_matvecs: int | None = None,
     ncv: int | None = None,
     seed: Seed = None,
+    progress: bool = False,
 ) -> EigenResult:
     """The ``k`` extreme eigenpairs of a symmetric operator, certified by their residuals.
 
@@ -173,6 +175,7 @@ def eigenvalues(
         max_matvecs: budget (default ``max(500, 50 k)``); unconverged pairs have ``converged=False``.
         ncv: Lanczos basis size (default ``max(2k + 10, 20)``, capped at P).
         seed: int, generator or ``None``.
+        progress: show a progress bar of the products (up to ``max_matvecs``) on stderr.
 
     Returns:
         :class:`EigenResult`, eigenvalues sorted from most to least wanted.
@@ -192,11 +195,11 @@ def eigenvalues(
     if max_matvecs < 1:
         raise ValueError(f"max_matvecs must be >= 1, got {max_matvecs}")
     gen = make_generator(seed, A.device)
-    with torch.no_grad():
+    with ticking(A, progress, max_matvecs, f"eigenvalues ({method})") as op, torch.no_grad():
         if method == "lanczos":
-            out = _lanczos(A, k, which, tol, max_matvecs, ncv, gen)
+            out = _lanczos(op, k, which, tol, max_matvecs, ncv, gen)
         else:
-            out = _power(A, k, which, tol, max_matvecs, gen)
+            out = _power(op, k, which, tol, max_matvecs, gen)
     theta, Y, res, conv, matvecs, restarts, history = out
     return EigenResult(
         eigenvalues=theta.to(A.dtype), eigenvectors=Y, residuals=res.to(A.dtype), converged=conv,

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from typing import Callable
 
+from secondorder.linalg.progress import ticking
 from secondorder.operators.base import LinearOperator, as_operator
 
 Seed = int | torch.Generator | None
@@ -56,6 +57,7 @@ def run_estimator(
     methods: dict[str, tuple[Callable, int]],
     seed: Seed,
     what: str,
+    progress: bool = False,
 ) -> tuple[LinearOperator, object, int]:
     """Validate and run ``methods[method] = (estimator, minimum budget)`` on ``A``.
 
@@ -67,7 +69,8 @@ def run_estimator(
     estimator, minimum = methods[method]
     check_budget(num_matvecs, minimum, method)
     gen = make_generator(seed, A.device)
-    start = A.num_matvecs
-    with torch.no_grad():
-        out = estimator(A, num_matvecs, gen)
-    return A, out, A.num_matvecs - start
+    with ticking(A, progress, num_matvecs, f"{what} ({method})") as op, torch.no_grad():
+        start = op.num_matvecs
+        out = estimator(op, num_matvecs, gen)
+        used = op.num_matvecs - start
+    return A, out, used

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SolveResult
 from secondorder.operators.base import LinearOperator, as_operator
 
@@ -103,6 +104,7 @@ def solve(
     method: str = "cg",
     tol: float = 1e-6,
     maxiter: int | None = None,
+    progress: bool = False,
 ) -> SolveResult:
     """Solve ``(A + damping I) x = b`` for ``b`` ``[P]`` or several right-hand sides ``[P, K]``.
 
@@ -113,6 +115,7 @@ def solve(
         method: ``"cg"`` (positive definite) or ``"minres"`` (symmetric indefinite).
         tol: relative residual tolerance per column.
         maxiter: iteration cap (default ``10 P``, as SciPy: rounding makes CG need more than ``P`` steps).
+        progress: show a progress bar of the products on stderr.
 
     Returns:
         :class:`SolveResult` with ``solution`` shaped like ``b``.
@@ -130,10 +133,11 @@ def solve(
     if maxiter < 1:
         raise ValueError(f"maxiter must be >= 1, got {maxiter}")
     B = (b if b.ndim == 2 else b.unsqueeze(1)).to(A.dtype)
-    start = A.num_matvecs
-    with torch.no_grad():
-        X, residuals, converged, iterations = (_cg if method == "cg" else _minres)(A, B, float(damping), tol, maxiter)
+    with ticking(A, progress, maxiter * B.shape[1], f"solve ({method})") as op, torch.no_grad():
+        start = op.num_matvecs
+        X, residuals, converged, iterations = (_cg if method == "cg" else _minres)(op, B, float(damping), tol, maxiter)
+        used = op.num_matvecs - start
     return SolveResult(
         solution=X if b.ndim == 2 else X.squeeze(1), residuals=residuals, converged=converged,
-        iterations=iterations, num_matvecs=A.num_matvecs - start, method=method,
+        iterations=iterations, num_matvecs=used, method=method,
     )

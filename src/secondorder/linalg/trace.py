@@ -72,7 +72,9 @@ def _xtrace(A: LinearOperator, m: int, gen: torch.Generator) -> tuple[Tensor, Te
 _METHODS = {"hutchinson": (_hutchinson, 1), "hutch++": (_hutchpp, 3), "xtrace": (_xtrace, 4)}
 
 
-def trace(A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutch++", seed: Seed = None) -> TraceResult:
+def trace(
+    A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutch++", seed: Seed = None, progress: bool = False
+) -> TraceResult:
     """Estimate ``tr(A)`` and the trace of every diagonal block with ``num_matvecs`` products.
 
     Args:
@@ -80,6 +82,7 @@ def trace(A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutch++",
         num_matvecs: the budget of matrix-vector products (Hutch++ >= 3, XTrace >= 4).
         method: ``"hutch++"`` (default), ``"hutchinson"`` or ``"xtrace"``.
         seed: an int, a ``torch.Generator`` or ``None`` (fresh entropy); the global RNG is untouched.
+        progress: show a progress bar of the products on stderr.
 
     Returns:
         :class:`TraceResult` with ``value``, ``stderr``, ``dof``, ``num_matvecs`` and ``blocks``.
@@ -90,7 +93,7 @@ def trace(A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutch++",
         >>> abs(r.value - 5050) < 4 * r.stderr
         True
     """
-    A, (exact, samples), used = run_estimator(A, num_matvecs, method, _METHODS, seed, "trace")
+    A, (exact, samples), used = run_estimator(A, num_matvecs, method, _METHODS, seed, "trace", progress)
     values, stderrs = _summarize(exact, samples)
     total, total_stderr = _summarize(exact.sum(0, keepdim=True), samples.sum(0, keepdim=True))
     blocks = tuple(
