@@ -282,3 +282,20 @@ def test_quadratic_forms_reduce_without_the_product_block(operator, backend):
     assert A.num_matvecs - before == 5
     assert forms.shape == (len(A.blocks), 5)
     assert (forms - expected).abs().max() <= 1e-12 * expected.abs().max()
+
+
+def test_shuffling_loader_with_train_batchnorm_is_one_fixed_matrix():
+    """Batch statistics depend on which samples share a batch: the shuffle order must not change."""
+    model = mlp(bn=True)
+    model.train()
+    X, y = data("mlp", "ce", n=24)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=6, shuffle=True)
+    A = HessianOperator(model, F.cross_entropy, loader)
+    v = torch.randn(A.shape[0], 2, generator=_gen(5), dtype=torch.float64)
+    before = torch.get_rng_state()
+    first = A @ v
+    torch.rand(3)  # the caller's own random draws between products must not matter
+    assert torch.equal(A @ v, first)
+    assert not torch.equal(torch.get_rng_state(), before)  # only the caller's draw moved the global RNG
+    dense = A.to_dense()
+    assert (dense - dense.T).abs().max() <= 1e-12 * dense.abs().max()

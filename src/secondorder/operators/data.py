@@ -100,11 +100,16 @@ def untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
 def seeded_batches(batches: Iterable, seed: int, device: torch.device) -> Iterator[tuple[int, Any]]:
     """Enumerate batches, seeding the (forked) RNG per batch so dropout masks are fixed per batch.
 
-    With a fixed mask per batch the operator is one fixed matrix across products, as
-    Lanczos and CG require.
+    With a fixed mask per batch, and a fixed order of a shuffling DataLoader, the operator is
+    one fixed matrix across products, as Lanczos and CG require.
     """
+    _seed(seed, device)  # before iter(): a shuffling DataLoader draws the same order on every product
     for index, batch in enumerate(batches):
-        torch.default_generator.manual_seed(seed + index)
-        if device.type == "cuda":
-            torch.cuda.default_generators[device.index or 0].manual_seed(seed + index)
+        _seed(seed + index, device)
         yield index, batch
+
+
+def _seed(value: int, device: torch.device) -> None:
+    torch.default_generator.manual_seed(value)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(value)
