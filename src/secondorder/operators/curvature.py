@@ -13,6 +13,8 @@ The model is differentiated in the mode it is in (``model.training`` is never ch
 * Dropout in train mode draws one fixed mask per batch (seeded by ``seed`` and the batch index
   inside a forked RNG), so the operator is one fixed matrix across products and the caller's
   global RNG is untouched. Put the model in eval mode for the curvature without dropout.
+* A shuffling DataLoader yields the same order on every product (its sampler is seeded by
+  ``seed`` too), which matters with train-mode BatchNorm, where batch composition changes the loss.
 """
 
 from __future__ import annotations
