@@ -7,6 +7,7 @@ batch or a whole data set, and randomized numerical linear algebra on them
 symmetric tensor.
 """
 
+from secondorder import optim
 from secondorder.linalg import (
     DiagonalResult,
     EigenResult,
@@ -47,6 +48,7 @@ __all__ = [
     "SpectralDensityResult",
     "TraceResult",
     "as_operator",
+    "optim",
     "block_eigenvalues",
     "diagonal",
     "eigenvalues",

@@ -78,16 +78,22 @@ def hessian_product(
     sink: Sink,
     chunk_size: int | None = None,
     vectorize: bool = False,
-) -> None:
-    """Products ``H v_k`` for the Hessian of the scalar ``loss`` w.r.t. ``params``, for the rows of ``V``, into ``sink``."""
+) -> tuple:
+    """Products ``H v_k`` for the Hessian of the scalar ``loss`` w.r.t. ``params``, for the rows of ``V``, into ``sink``.
+
+    Returns the gradient (detached; ``None`` for parameters the loss does not depend on), which the
+    products need anyway.
+    """
     grads, live = _differentiable_grads(loss, params)
+    gradient = tuple(g.detach() if g is not None else None for g in grads)
     if not live:  # every parameter enters at most linearly: zero curvature
-        return
+        return gradient
 
     def differentiate(pieces: list[Tensor], last: bool) -> tuple:
         return _batched_grad([grads[i] for i in live], params, [pieces[i] for i in live], retain=not last)
 
     _accumulate(V, params, chunk_size, vectorize, differentiate, sink)
+    return gradient
 
 
 def ggn_product(

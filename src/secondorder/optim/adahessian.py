@@ -1,0 +1,205 @@
+r"""AdaHessian (Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, AAAI 2021) as a drop-in optimizer.
+
+Adam's first moment, preconditioned by a running RMS of a Hutchinson estimate of the Hessian
+diagonal:
+
+.. math::
+
+    D_t = \mathrm{avg}_\text{block}\big(|z \odot Hz|\big),\quad z \sim \text{Rademacher}, \qquad
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) D_t^2,
+
+    \theta_{t+1} = \theta_t - \eta\Big(\frac{m_t / (1-\beta_1^t)}
+        {\big(\sqrt{v_t / (1-\beta_2^{s_t})}\big)^k + \epsilon} + \lambda\theta_t\Big),
+
+with Hessian power :math:`k`, decoupled weight decay :math:`\lambda`, and :math:`s_t` the number
+of curvature updates so far: with ``update_each = n > 1`` the curvature (and :math:`v`) is
+refreshed every n-th step only, and the bias correction counts those refreshes, so the
+steady-state denominator equals the every-step one (pytorch-optimizer's ``update_period``
+uses the step count and under-estimates it by about :math:`1/\sqrt n`).
+
+Estimators (``estimator=``):
+
+* ``"official"`` (default): :math:`|z \odot Hz|`, as every official implementation. With
+  Rademacher :math:`z` this is :math:`|Hz|`, whose mean square is :math:`(H^2)_{ii}`: the
+  denominator tracks the row norms :math:`\|H_{i,:}\|_2`, not :math:`|H_{ii}|`.
+* ``"diagonal"``: the signed :math:`z \odot Hz`, an unbiased estimate of :math:`\mathrm{diag}(H)`
+  (block-averaged); its square enters the EMA.
+
+Spatial averaging (``D`` is averaged over blocks of coordinates and broadcast back):
+
+* 1-D parameters (biases, norm scales): no averaging;
+* 2-D parameters (``Linear`` weights ``[out, in]``): contiguous blocks of ``block_size`` along
+  ``in`` (the paper's attention figure); ``None`` (default) for no averaging;
+* parameters with 3 or more dimensions (convolution kernels ``[out, in, *kernel]`` of any
+  dimension): the mean over the kernel's spatial extent, e.g. 9 entries of a 3x3 kernel.
+
+Usage: the closure returns the loss and **does not** call ``backward``; the optimizer computes
+the gradient and, on curvature steps only, the Hessian-vector products itself::
+
+    opt = AdaHessian(model.parameters())
+    loss = opt.step(lambda: loss_fn(model(x), y))
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from secondorder.operators.products import hessian_product
+from secondorder.optim.base import Closure, checked_loss, validate_common
+
+
+def spatial_average(d: Tensor, block_size: int | None) -> Tensor:
+    """Average ``d`` (shaped like its parameter) over AdaHessian's blocks and broadcast back."""
+    if d.ndim >= 3:
+        return d.mean(dim=tuple(range(2, d.ndim)), keepdim=True).expand_as(d)
+    if d.ndim == 2 and block_size:
+        rows, cols = d.shape
+        return d.reshape(rows, cols // block_size, block_size).mean(-1, keepdim=True).expand(
+            rows, cols // block_size, block_size
+        ).reshape(rows, cols)
+    return d
+
+
+class AdaHessian(torch.optim.Optimizer):
+    """AdaHessian; see the module docstring for the update, estimators and spatial averaging.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (0.15, the paper's CIFAR setting).
+        betas: EMA coefficients of the gradient and of the squared curvature.
+        eps: added to the denominator (1e-4 as the official code).
+        weight_decay: decoupled weight decay, applied as ``lr * weight_decay * theta``.
+        hessian_power: ``k`` in [0, 1]; 0 gives momentum SGD with Adam's bias correction.
+        update_each: refresh the curvature every this many steps (1 = every step).
+        estimator: ``"official"`` (``|z * Hz|``) or ``"diagonal"`` (``z * Hz``).
+        block_size: spatial averaging block for 2-D parameters (must divide their last dimension).
+        num_probes: Rademacher probes per curvature step (averaged).
+        seed: seed of the optimizer's own probe generator (the global RNG is never used).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        hessian_power: float = 1.0,
+        update_each: int = 1,
+        estimator: str = "official",
+        block_size: int | None = None,
+        num_probes: int = 1,
+        seed: int = 0,
+    ):
+        validate_common(lr, betas, eps, weight_decay)
+        if not 0.0 <= hessian_power <= 1.0:
+            raise ValueError(f"hessian_power must lie in [0, 1], got {hessian_power}")
+        if not isinstance(update_each, int) or update_each < 1:
+            raise ValueError(f"update_each must be a positive integer, got {update_each!r}")
+        if estimator not in ("official", "diagonal"):
+            raise ValueError(f"estimator must be 'official' or 'diagonal', got {estimator!r}")
+        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
+        if not isinstance(num_probes, int) or num_probes < 1:
+            raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
+                        block_size=block_size)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim == 2 and group["block_size"] and p.shape[1] % group["block_size"]:
+                    raise ValueError(
+                        f"block_size {group['block_size']} does not divide the last dimension of a parameter of "
+                        f"shape {list(p.shape)}; choose a divisor or put that parameter in a group with block_size=None"
+                    )
+        self.update_each, self.estimator, self.num_probes = update_each, estimator, num_probes
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_steps = 0
+        self.num_curvature_steps = 0
+
+    # ---- curvature --------------------------------------------------------------------
+    def _curvature(self, loss: Tensor, params: list[Tensor]) -> tuple[tuple, list[Tensor]]:
+        """Gradient and the per-parameter Hutchinson estimate (``|z * Hz|`` or ``z * Hz``, probe-averaged)."""
+        P = sum(p.numel() for p in params)
+        signs = torch.randint(0, 2, (self.num_probes, P), generator=self.generator, dtype=torch.int8)
+        probes = (signs * 2 - 1).to(params[0].device)
+        estimates = [torch.zeros_like(p) for p in params]
+        transform = torch.abs if self.estimator == "official" else (lambda x: x)
+
+        def sink(start: int, pieces: list[Tensor], products: tuple) -> None:
+            for est, piece, product in zip(estimates, pieces, products):
+                if product is not None:
+                    est.add_(transform(piece * product).sum(0), alpha=1.0 / self.num_probes)
+
+        gradient = hessian_product(loss, params, probes, sink)
+        return gradient, estimates
+
+    # ---- step -------------------------------------------------------------------------
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One step: ``closure()`` returns the loss (no ``backward``); returns that loss."""
+        if closure is None:
+            raise ValueError(
+                "AdaHessian computes its own gradient and Hessian-vector products: call step(closure) "
+                "with closure() returning the loss, without calling backward"
+            )
+        step = self.num_steps + 1
+        curvature = (step - 1) % self.update_each == 0
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        with torch.enable_grad():
+            loss = checked_loss(closure(), step)
+            if curvature:
+                grads, estimates = self._curvature(loss, params)
+            else:
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                estimates = [None] * len(params)
+        for name, tensors in (("gradient", grads), ("curvature estimate", estimates)):
+            if any(t is not None and not torch.isfinite(t).all() for t in tensors):
+                raise FloatingPointError(f"the {name} at step {step} is not finite; parameters were not changed")
+        self.num_steps = step
+        self.num_curvature_steps += int(curvature)
+        found = dict(zip(map(id, params), zip(grads, estimates)))
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if id(p) in found and found[id(p)][0] is not None:
+                        self._update(p, group, *found[id(p)])
+        return loss.detach()
+
+    def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> None:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_hessian_diag_sq"] = torch.zeros_like(p)
+        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        if estimate is not None:
+            d = spatial_average(estimate, group["block_size"])
+            state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        bias1 = 1 - beta1**self.num_steps
+        bias2 = 1 - beta2 ** max(self.num_curvature_steps, 1)
+        k = group["hessian_power"]
+        denom = (state["exp_hessian_diag_sq"].sqrt() / math.sqrt(bias2)).pow(k).add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["adahessian"] = {"num_steps": self.num_steps, "num_curvature_steps": self.num_curvature_steps,
+                             "generator": self.generator.get_state()}
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get("adahessian")
+        if extra is None:
+            raise ValueError("not an AdaHessian state_dict (no 'adahessian' entry)")
+        rest = {k: v for k, v in state_dict.items() if k != "adahessian"}
+        super().load_state_dict(rest)
+        self.num_steps, self.num_curvature_steps = extra["num_steps"], extra["num_curvature_steps"]
+        self.generator.set_state(extra["generator"])
