@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from secondorder.operators.products import hessian_product
-from secondorder.optim.base import Closure, checked_loss, validate_common
+from secondorder.optim.base import SecondOrderOptimizer, checked_loss, validate_common
 
 
 def spatial_average(d: Tensor, block_size: int | None) -> Tensor:
@@ -65,7 +65,7 @@ def spatial_average(d: Tensor, block_size: int | None) -> Tensor:
     return d
 
 
-class AdaHessian(torch.optim.Optimizer):
+class AdaHessian(SecondOrderOptimizer):
     """AdaHessian; see the module docstring for the update, estimators and spatial averaging.
 
     Args:
@@ -109,7 +109,7 @@ class AdaHessian(torch.optim.Optimizer):
             raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
                         block_size=block_size)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, update_each, seed)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim == 2 and group["block_size"] and p.shape[1] % group["block_size"]:
@@ -117,11 +117,7 @@ class AdaHessian(torch.optim.Optimizer):
                         f"block_size {group['block_size']} does not divide the last dimension of a parameter of "
                         f"shape {list(p.shape)}; choose a divisor or put that parameter in a group with block_size=None"
                     )
-        self.update_each, self.estimator, self.num_probes = update_each, estimator, num_probes
-        self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
-        self.num_steps = 0
-        self.num_curvature_steps = 0
+        self.estimator, self.num_probes = estimator, num_probes
 
     # ---- curvature --------------------------------------------------------------------
     def _curvature(self, loss: Tensor, params: list[Tensor]) -> tuple[tuple, list[Tensor]]:
@@ -140,38 +136,13 @@ class AdaHessian(torch.optim.Optimizer):
         gradient = hessian_product(loss, params, probes, sink)
         return gradient, estimates
 
-    # ---- step -------------------------------------------------------------------------
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One step: ``closure()`` returns the loss (no ``backward``); returns that loss."""
-        if closure is None:
-            raise ValueError(
-                "AdaHessian computes its own gradient and Hessian-vector products: call step(closure) "
-                "with closure() returning the loss, without calling backward"
-            )
-        step = self.num_steps + 1
-        curvature = (step - 1) % self.update_each == 0
-        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        with torch.enable_grad():
-            loss = checked_loss(closure(), step)
-            if curvature:
-                grads, estimates = self._curvature(loss, params)
-            else:
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                estimates = [None] * len(params)
-        for name, tensors in (("gradient", grads), ("curvature estimate", estimates)):
-            if any(t is not None and not torch.isfinite(t).all() for t in tensors):
-                raise FloatingPointError(f"the {name} at step {step} is not finite; parameters were not changed")
-        self.num_steps = step
-        self.num_curvature_steps += int(curvature)
-        found = dict(zip(map(id, params), zip(grads, estimates)))
-        with torch.no_grad():
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if id(p) in found and found[id(p)][0] is not None:
-                        self._update(p, group, *found[id(p)])
-        return loss.detach()
+    def _derivatives(self, out, params, step, refresh):
+        loss = checked_loss(out, step)
+        if refresh:
+            return (loss, *self._curvature(loss, params))
+        return loss, torch.autograd.grad(loss, params, allow_unused=True), [None] * len(params)
 
-    def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> None:
+    def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> int:
         beta1, beta2 = group["betas"]
         state = self.state[p]
         if not state:
@@ -187,19 +158,4 @@ class AdaHessian(torch.optim.Optimizer):
         denom = (state["exp_hessian_diag_sq"].sqrt() / math.sqrt(bias2)).pow(k).add_(group["eps"])
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
-
-    # ---- checkpoints ------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["adahessian"] = {"num_steps": self.num_steps, "num_curvature_steps": self.num_curvature_steps,
-                             "generator": self.generator.get_state()}
-        return out
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        extra = state_dict.get("adahessian")
-        if extra is None:
-            raise ValueError("not an AdaHessian state_dict (no 'adahessian' entry)")
-        rest = {k: v for k, v in state_dict.items() if k != "adahessian"}
-        super().load_state_dict(rest)
-        self.num_steps, self.num_curvature_steps = extra["num_steps"], extra["num_curvature_steps"]
-        self.generator.set_state(extra["generator"])
+        return 0

@@ -1,0 +1,128 @@
+r"""Sophia (Liu, Li, Hall, Liang, Ma, ICLR 2024): clipped, diagonally preconditioned momentum.
+
+.. math::
+
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+    h_t = \beta_2 h_{t-k} + (1-\beta_2)\hat h_t \ \text{every } k \text{ steps (else } h_t = h_{t-1}),
+
+    \theta \leftarrow \theta(1 - \eta\lambda), \qquad
+    \theta \leftarrow \theta - \eta\,\mathrm{clip}\Big(\frac{m_t}{\max(\gamma h_t, \epsilon)}, 1\Big),
+
+(the code parameterisation of the paper's Algorithm 3: ``clip(z, 1) = max(min(z, 1), -1)``, so where
+the curvature is non-positive or tiny the step is ``eta * sign(m)``). The diagonal estimate
+:math:`\hat h` is refreshed on steps 1, k+1, 2k+1, ... by
+
+* :class:`SophiaH`: Hutchinson, :math:`\hat h = u \odot Hu` with Gaussian :math:`u`;
+* :class:`SophiaG`: Gauss-Newton-Bartlett, :math:`\hat h = B\,\hat g \odot \hat g` where
+  :math:`\hat g` is the gradient of the mean cross-entropy against labels sampled from the model's
+  own softmax and :math:`B` the number of loss terms (positions); unbiased for the Gauss-Newton
+  diagonal of softmax cross-entropy.
+
+After every step, ``clip_fraction`` holds the fraction of coordinates whose ratio was clipped
+(the paper's tuning signal: its complement, the "win rate", should settle in 0.1-0.5).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from secondorder.operators.products import hessian_product
+from secondorder.optim.base import SecondOrderOptimizer, checked_loss, validate_common
+
+
+class _Sophia(SecondOrderOptimizer):
+    """Shared update, schedule and checkpointing; subclasses provide the estimate ``h_hat``."""
+
+    def __init__(self, params: Iterable, lr: float, betas: tuple[float, float], rho: float, eps: float,
+                 weight_decay: float, k: int, seed: int):
+        validate_common(lr, betas, eps, weight_decay)
+        if not rho > 0:
+            raise ValueError(f"rho (the clipping scale gamma) must be positive, got {rho}")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k (steps between curvature refreshes) must be a positive integer, got {k!r}")
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay), k, seed)
+        self.clip_fraction = float("nan")
+
+    def _estimate(self, out: object, params: list[Tensor], step: int) -> tuple[Tensor, tuple, list]:
+        raise NotImplementedError
+
+    def _derivatives(self, out, params, step, refresh):
+        if refresh:
+            return self._estimate(out, params, step)
+        loss = checked_loss(out[0] if isinstance(out, tuple) else out, step)
+        return loss, torch.autograd.grad(loss, params, allow_unused=True), [None] * len(params)
+
+    def _finish(self, counted: int, total: int) -> None:
+        self.clip_fraction = counted / total if total else float("nan")
+
+    def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> int:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["hessian"] = torch.zeros_like(p)
+        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        if estimate is not None:
+            state["hessian"].mul_(beta2).add_(estimate, alpha=1 - beta2)
+        ratio = state["exp_avg"] / (group["rho"] * state["hessian"]).clamp_min(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(ratio.clamp(-1.0, 1.0), alpha=-group["lr"])
+        return int((ratio.abs() >= 1).sum())
+
+
+class SophiaH(_Sophia):
+    """Sophia with the Hutchinson estimate ``u * Hu`` (Gaussian ``u``); ``closure()`` returns the loss.
+
+    Defaults follow levanter's Sophia-H (gamma 0.01) and the paper (betas (0.965, 0.99), k 10).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.01, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0):
+        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed)
+
+    def _estimate(self, out, params, step):
+        loss = checked_loss(out, step)
+        P = sum(p.numel() for p in params)
+        u = torch.randn(1, P, generator=self.generator, dtype=params[0].dtype).to(params[0].device)
+        estimates = [None] * len(params)
+
+        def sink(start: int, pieces: list[Tensor], products: tuple) -> None:
+            for i, (piece, product) in enumerate(zip(pieces, products)):
+                estimates[i] = (piece * product)[0] if product is not None else torch.zeros_like(params[i])
+
+        grads = hessian_product(loss, params, u, sink)
+        return loss, grads, [e if e is not None else torch.zeros_like(p) for e, p in zip(estimates, params)]
+
+
+class SophiaG(_Sophia):
+    """Sophia with the Gauss-Newton-Bartlett estimate, for softmax cross-entropy models.
+
+    ``closure()`` returns ``(loss, logits)``: the training loss and the logits ``[..., C]`` it was
+    computed from (class scores on the last dimension). On refresh steps labels are sampled from
+    ``softmax(logits)`` with the optimizer's own generator and ``h_hat = B * g_hat**2``, B the
+    number of sampled positions. Defaults follow the official Sophia-G (rho 0.04, betas
+    (0.965, 0.99), weight decay 0.1, k 10); the repo's ``rho * bs * h`` is ``rho * h`` here
+    because ``B`` is inside ``h_hat``.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.04, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0):
+        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed)
+
+    def _estimate(self, out, params, step):
+        if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Tensor)):
+            raise ValueError("SophiaG's closure must return (loss, logits); logits carry the classes on the last dim")
+        loss = checked_loss(out[0], step)
+        logits = out[1].reshape(-1, out[1].shape[-1])
+        probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
+        sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(logits.device)
+        grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+        sampled_loss = F.cross_entropy(logits, sampled)
+        g_hat = torch.autograd.grad(sampled_loss, params, allow_unused=True)
+        B = logits.shape[0]
+        estimates = [B * g * g if g is not None else torch.zeros_like(p) for g, p in zip(g_hat, params)]
+        return loss, grads, estimates
