@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -13,6 +12,7 @@ from torch import nn
 from secondorder.optim import AdaHessian, spatial_average
 from tests.operators.references import dense_hessian
 from tests.operators.test_curvature import data, mlp, names
+from tests.optim.checks import assert_resumes_bitwise
 
 A_DIAG = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
 
@@ -152,23 +152,7 @@ def test_conv3d_linear_and_unused_parameters_train():
 
 
 def test_state_dict_resumes_bitwise():
-    model = mlp()
-    X, y = data("mlp", "ce")
-    closure = lambda m: (lambda: F.cross_entropy(m(X), y))  # noqa: E731
-    opt = AdaHessian(model.parameters(), lr=0.05, update_each=2, seed=3)
-    for _ in range(5):
-        opt.step(closure(model))
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    for _ in range(5):
-        opt.step(closure(model))
-    resumed = mlp()
-    resumed.load_state_dict(saved_model)
-    opt2 = AdaHessian(resumed.parameters(), lr=0.05, update_each=2, seed=99)
-    opt2.load_state_dict(saved_opt)
-    for _ in range(5):
-        opt2.step(closure(resumed))
-    for p, q in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(p, q)
+    assert_resumes_bitwise(lambda params, seed: AdaHessian(params, lr=0.05, update_each=2, seed=seed))
 
 
 def test_param_groups_and_weight_decay():

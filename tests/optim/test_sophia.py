@@ -14,6 +14,7 @@ import secondorder as so
 from secondorder.optim import SophiaG, SophiaH
 from tests.operators.references import dense_ggn, dense_hessian
 from tests.operators.test_curvature import data, mlp, names
+from tests.optim.checks import assert_resumes_bitwise
 
 A_DIAG = torch.tensor([1.0, 4.0, 0.25, -0.5], dtype=torch.float64)  # one negative-curvature coordinate
 
@@ -93,22 +94,7 @@ def test_sophia_g_trains_and_reports_clipping():
 
 
 def test_state_dict_resumes_bitwise():
-    model = mlp()
-    X, y = data("mlp", "ce")
-    opt = SophiaH(model.parameters(), lr=0.01, k=2, seed=5)
-    step = lambda m: (lambda: F.cross_entropy(m(X), y))  # noqa: E731
-    for _ in range(3):
-        opt.step(step(model))
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    for _ in range(4):
-        opt.step(step(model))
-    other = mlp()
-    other.load_state_dict(saved_model)
-    opt2 = SophiaH(other.parameters(), lr=0.01, k=2, seed=0)
-    opt2.load_state_dict(saved_opt)
-    for _ in range(4):
-        opt2.step(step(other))
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
+    assert_resumes_bitwise(lambda params, seed: SophiaH(params, lr=0.01, k=2, seed=seed))
 
 
 @pytest.mark.parametrize("cls", [SophiaH, SophiaG])

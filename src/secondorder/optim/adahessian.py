@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from secondorder.operators.products import hessian_product
-from secondorder.optim.base import SecondOrderOptimizer, checked_loss, validate_common
+from secondorder.optim.base import SecondOrderOptimizer, checked_loss, gradient_only, validate_common
 
 
 def spatial_average(d: Tensor, block_size: int | None) -> Tensor:
@@ -140,15 +140,11 @@ class AdaHessian(SecondOrderOptimizer):
         loss = checked_loss(out, step)
         if refresh:
             return (loss, *self._curvature(loss, params))
-        return loss, torch.autograd.grad(loss, params, allow_unused=True), [None] * len(params)
+        return gradient_only(loss, params)
 
     def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> int:
         beta1, beta2 = group["betas"]
-        state = self.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_hessian_diag_sq"] = torch.zeros_like(p)
-        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        state = self._momentum(p, grad, beta1, "exp_hessian_diag_sq")
         if estimate is not None:
             d = spatial_average(estimate, group["block_size"])
             state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)

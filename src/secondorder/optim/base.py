@@ -45,6 +45,11 @@ def check_finite(step: int, **named: list | tuple) -> None:
             raise FloatingPointError(f"the {name} at step {step} is not finite; parameters were not changed")
 
 
+def gradient_only(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, tuple, list]:
+    """``(loss, gradient, no curvature)`` for the steps between curvature refreshes: a plain backward."""
+    return loss, torch.autograd.grad(loss, params, allow_unused=True), [None] * len(params)
+
+
 class SecondOrderOptimizer(torch.optim.Optimizer):
     """The step every curvature-preconditioned optimizer here shares.
 
@@ -67,6 +72,15 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> int:
         raise NotImplementedError
+
+    def _momentum(self, p: Tensor, grad: Tensor, beta1: float, curvature_key: str) -> dict:
+        """The parameter's state (created at first use: momentum and a curvature buffer), momentum updated."""
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state[curvature_key] = torch.zeros_like(p)
+        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        return state
 
     def _finish(self, counted: int, total: int) -> None:
         """Hook after a step with the summed return values of :meth:`_update` and the coordinate count."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from secondorder.operators.products import hessian_product
-from secondorder.optim.base import SecondOrderOptimizer, checked_loss, validate_common
+from secondorder.optim.base import SecondOrderOptimizer, checked_loss, gradient_only, validate_common
 
 
 class _Sophia(SecondOrderOptimizer):
@@ -54,18 +54,14 @@ class _Sophia(SecondOrderOptimizer):
         if refresh:
             return self._estimate(out, params, step)
         loss = checked_loss(out[0] if isinstance(out, tuple) else out, step)
-        return loss, torch.autograd.grad(loss, params, allow_unused=True), [None] * len(params)
+        return gradient_only(loss, params)
 
     def _finish(self, counted: int, total: int) -> None:
         self.clip_fraction = counted / total if total else float("nan")
 
     def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> int:
         beta1, beta2 = group["betas"]
-        state = self.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["hessian"] = torch.zeros_like(p)
-        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
+        state = self._momentum(p, grad, beta1, "hessian")
         if estimate is not None:
             state["hessian"].mul_(beta2).add_(estimate, alpha=1 - beta2)
         ratio = state["exp_avg"] / (group["rho"] * state["hessian"]).clamp_min(group["eps"])
