@@ -29,3 +29,18 @@ def assert_resumes_bitwise(make_optimizer, steps: int = 5) -> None:
     for _ in range(steps):
         opt2.step(closure(resumed))
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+
+
+def assert_accumulation_equals_full_batch(make_optimizer, steps: int = 6) -> None:
+    """Two equal micro-batch closures per step give the full-batch trajectory (float64, same probes)."""
+    X, y = data("mlp", "ce", n=16)
+    full, micro = mlp(), mlp()
+    opt_full = make_optimizer(full.parameters())
+    opt_micro = make_optimizer(micro.parameters())
+    for _ in range(steps):
+        loss_full = opt_full.step(lambda: F.cross_entropy(full(X), y))
+        loss_micro = opt_micro.step([lambda: F.cross_entropy(micro(X[:8]), y[:8]),
+                                     lambda: F.cross_entropy(micro(X[8:]), y[8:])])
+        assert torch.allclose(loss_micro, loss_full, rtol=1e-13, atol=0)
+    for p, q in zip(full.parameters(), micro.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)

@@ -12,7 +12,7 @@ from torch import nn
 from secondorder.optim import AdaHessian, spatial_average
 from tests.operators.references import dense_hessian
 from tests.operators.test_curvature import data, mlp, names
-from tests.optim.checks import assert_resumes_bitwise
+from tests.optim.checks import assert_accumulation_equals_full_batch, assert_resumes_bitwise
 
 A_DIAG = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
 
@@ -87,7 +87,8 @@ def test_diagonal_estimator_is_unbiased_for_the_hessian_diagonal():
     H = dense_hessian(model, F.cross_entropy, [(X, y)], names(model))
     opt = AdaHessian(model.parameters(), estimator="diagonal", num_probes=4000, seed=1)
     loss = F.cross_entropy(model(X), y)
-    _, estimates = opt._curvature(loss, list(model.parameters()))
+    _, raw = opt._curvature(loss, list(model.parameters()))
+    estimates = opt._combine(raw, 1)
     est = torch.cat([e.reshape(-1) for e in estimates])
     # entry variance sum_{j != i} H_ij^2 / n: allow 5 standard errors per entry
     sem = ((H**2).sum(1) - H.diag() ** 2).clamp_min(0).sqrt() / math.sqrt(4000)
@@ -104,7 +105,7 @@ def test_official_estimator_tracks_row_norms():
     squares = 0
     n = 2000
     for _ in range(n):
-        _, est = opt._curvature(F.cross_entropy(model(X), y), params)
+        est = opt._combine(opt._curvature(F.cross_entropy(model(X), y), params)[1], 1)
         squares = squares + torch.cat([e.reshape(-1) for e in est]) ** 2
     rms = (squares / n).sqrt()
     row_norms = H.norm(dim=1)
@@ -196,3 +197,19 @@ def test_bad_closures_and_non_finite_loss_leave_parameters_untouched():
     with pytest.raises(FloatingPointError, match="step 1"):
         opt.step(lambda: (w * float("nan")).sum())
     assert torch.equal(w, torch.ones(3, dtype=torch.float64)) and not opt.state and opt.num_steps == 0
+
+
+@pytest.mark.parametrize("estimator", ["official", "diagonal"])
+def test_gradient_accumulation_equals_the_full_batch(estimator):
+    """The absolute value of the official estimator is taken after averaging over micro-batches."""
+    assert_accumulation_equals_full_batch(
+        lambda params: AdaHessian(params, lr=0.05, estimator=estimator, num_probes=2, update_each=2, seed=1)
+    )
+
+
+def test_official_estimator_takes_the_absolute_value_after_averaging():
+    opt = AdaHessian([nn.Parameter(torch.zeros(2))])
+    raw = [torch.tensor([[-2.0, 1.0], [1.0, 3.0]])]  # two probes' signed z * Hz
+    assert torch.equal(opt._combine(raw, 1)[0], torch.tensor([1.5, 2.0]))
+    opt.estimator = "diagonal"
+    assert torch.equal(opt._combine(raw, 1)[0], torch.tensor([-0.5, 2.0]))

@@ -121,20 +121,28 @@ class AdaHessian(SecondOrderOptimizer):
 
     # ---- curvature --------------------------------------------------------------------
     def _curvature(self, loss: Tensor, params: list[Tensor]) -> tuple[tuple, list[Tensor]]:
-        """Gradient and the per-parameter Hutchinson estimate (``|z * Hz|`` or ``z * Hz``, probe-averaged)."""
+        """Gradient and, per parameter, the signed products ``z * Hz`` of every probe ``[num_probes, *shape]``."""
         P = sum(p.numel() for p in params)
         signs = torch.randint(0, 2, (self.num_probes, P), generator=self.generator, dtype=torch.int8)
         probes = (signs * 2 - 1).to(params[0].device)
-        estimates = [torch.zeros_like(p) for p in params]
-        transform = torch.abs if self.estimator == "official" else (lambda x: x)
+        raw = [torch.zeros(self.num_probes, *p.shape, dtype=p.dtype, device=p.device) for p in params]
 
         def sink(start: int, pieces: list[Tensor], products: tuple) -> None:
-            for est, piece, product in zip(estimates, pieces, products):
+            for r, piece, product in zip(raw, pieces, products):
                 if product is not None:
-                    est.add_(transform(piece * product).sum(0), alpha=1.0 / self.num_probes)
+                    r[start : start + piece.shape[0]] = piece * product
 
         gradient = hessian_product(loss, params, probes, sink)
-        return gradient, estimates
+        return gradient, raw
+
+    def _combine(self, raw: list, count: int) -> list:
+        """``|z * Hz|`` (official) or ``z * Hz`` (diagonal), averaged over the probes.
+
+        The absolute value is taken after averaging over micro-batches, so accumulation gives
+        the full-batch estimate.
+        """
+        transform = torch.abs if self.estimator == "official" else (lambda x: x)
+        return [transform(r).mean(0) for r in raw]
 
     def _derivatives(self, out, params, step, refresh):
         loss = checked_loss(out, step)

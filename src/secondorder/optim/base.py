@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -45,6 +45,17 @@ def check_finite(step: int, **named: list | tuple) -> None:
             raise FloatingPointError(f"the {name} at step {step} is not finite; parameters were not changed")
 
 
+def _add(acc: list | None, new) -> list:
+    """Element-wise sum of two lists of optional tensors (``None`` is zero)."""
+    if acc is None:
+        return list(new)
+    return [a if b is None else (b if a is None else a + b) for a, b in zip(acc, new)]
+
+
+def _scale(values: list, factor: float) -> list:
+    return [None if v is None else v * factor for v in values]
+
+
 def gradient_only(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, tuple, list]:
     """``(loss, gradient, no curvature)`` for the steps between curvature refreshes: a plain backward."""
     return loss, torch.autograd.grad(loss, params, allow_unused=True), [None] * len(params)
@@ -53,12 +64,21 @@ def gradient_only(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, tuple, li
 class SecondOrderOptimizer(torch.optim.Optimizer):
     """The step every curvature-preconditioned optimizer here shares.
 
-    ``step(closure)`` evaluates the closure once, asks :meth:`_derivatives` for the loss, the
-    gradient and, on curvature steps (1, every+1, 2 every+1, ...), a per-parameter curvature
-    estimate; checks them all before touching any parameter; then calls :meth:`_update` per
-    parameter. Probes come from the optimizer's own ``generator`` (seeded by ``seed``), which
-    ``state_dict`` saves with the step counters, so a resumed run is bitwise identical.
+    ``step(closure)`` evaluates the closure, asks :meth:`_derivatives` for the loss, the gradient
+    and, on curvature steps (1, every+1, 2 every+1, ...), per-parameter raw curvature quantities;
+    :meth:`_combine` turns those into the estimates; everything is checked before any parameter
+    changes; then :meth:`_update` runs per parameter.
+
+    Gradient accumulation: ``step([closure_1, ..., closure_n])`` takes one closure per micro-batch
+    (each returning its micro-batch's mean loss; micro-batches count equally). Each is
+    differentiated and its graph freed before the next; gradients and raw curvature quantities
+    are averaged over all of them, with the same Hutchinson probes for every micro-batch, so the
+    step equals the full-batch one. Probes come from the optimizer's own ``generator`` (seeded by
+    ``seed``), which ``state_dict`` saves with the step counters: a resumed run is bitwise identical.
     """
+
+    same_probes_per_micro_batch = True
+    """Hutchinson estimators draw one probe set per step and apply it to every micro-batch."""
 
     def __init__(self, params, defaults: dict, every: int, seed: int):
         super().__init__(params, defaults)
@@ -82,21 +102,37 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
         return state
 
+    def _combine(self, raw: list, count: int) -> list:
+        """Estimates from the raw quantities averaged over ``count`` micro-batches (default: as they are)."""
+        return raw
+
     def _finish(self, counted: int, total: int) -> None:
         """Hook after a step with the summed return values of :meth:`_update` and the coordinate count."""
 
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One step: ``closure()`` computes the loss (no ``backward``, no ``zero_grad``); returns the loss."""
-        if closure is None:
+    def step(self, closure: Closure | Sequence[Closure] | None = None) -> Tensor:  # type: ignore[override]
+        """One step: ``closure()`` computes the loss (no ``backward``, no ``zero_grad``), or a list
+        of closures, one per micro-batch. Returns the (mean) loss."""
+        closures = [closure] if callable(closure) else list(closure or [])
+        if not closures or not all(callable(c) for c in closures):
             raise ValueError(
                 f"{type(self).__name__} computes its own gradient and Hessian-vector products: call "
-                "step(closure) with closure() returning the loss, without calling backward"
+                "step(closure) with closure() returning the loss, without calling backward "
+                "(or step([closure, ...]) with one closure per micro-batch)"
             )
         step = self.num_steps + 1
         refresh = (step - 1) % self.every == 0
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        probes_state = self.generator.get_state()
+        total_loss, grads, raw = 0.0, None, None
         with torch.enable_grad():
-            loss, grads, estimates = self._derivatives(closure(), params, step, refresh)
+            for i, micro in enumerate(closures):
+                if i and refresh and self.same_probes_per_micro_batch:
+                    self.generator.set_state(probes_state)
+                loss, g, r = self._derivatives(micro(), params, step, refresh)
+                total_loss, grads, raw = total_loss + loss.detach(), _add(grads, g), _add(raw, r)
+        n = len(closures)
+        grads, raw = _scale(grads, 1 / n), _scale(raw, 1 / n)
+        estimates = self._combine(raw, n) if refresh else raw
         check_finite(step, gradient=grads, curvature=estimates)
         self.num_steps, self.num_curvature_steps = step, self.num_curvature_steps + int(refresh)
         found = dict(zip(map(id, params), zip(grads, estimates)))
@@ -108,7 +144,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                         counted += self._update(p, group, *found[id(p)])
                         total += p.numel()
         self._finish(counted, total)
-        return loss.detach()
+        return total_loss / n
 
     def state_dict(self) -> dict:
         out = super().state_dict()

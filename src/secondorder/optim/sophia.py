@@ -105,6 +105,8 @@ class SophiaG(_Sophia):
     because ``B`` is inside ``h_hat``.
     """
 
+    same_probes_per_micro_batch = False  # every micro-batch samples its own labels
+
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0):
         super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed)
@@ -114,11 +116,17 @@ class SophiaG(_Sophia):
             raise ValueError("SophiaG's closure must return (loss, logits); logits carry the classes on the last dim")
         loss = checked_loss(out[0], step)
         logits = out[1].reshape(-1, out[1].shape[-1])
-        probs = torch.softmax(logits.detach().double(), dim=-1).cpu()
-        sampled = torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(logits.device)
+        # inverse-CDF sampling: one uniform per position, so micro-batches draw what the full batch would
+        cdf = torch.softmax(logits.detach().double(), dim=-1).cpu().cumsum(-1)
+        uniform = torch.rand(cdf.shape[0], 1, generator=self.generator, dtype=torch.float64) * cdf[:, -1:]
+        sampled = torch.searchsorted(cdf, uniform).squeeze(1).clamp_max(cdf.shape[1] - 1).to(logits.device)
         grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
         sampled_loss = F.cross_entropy(logits, sampled)
         g_hat = torch.autograd.grad(sampled_loss, params, allow_unused=True)
-        B = logits.shape[0]
-        estimates = [B * g * g if g is not None else torch.zeros_like(p) for g, p in zip(g_hat, params)]
-        return loss, grads, estimates
+        positions = torch.tensor(float(logits.shape[0]), dtype=loss.dtype)
+        return loss, grads, [g if g is not None else torch.zeros_like(p) for g, p in zip(g_hat, params)] + [positions]
+
+    def _combine(self, raw: list, count: int) -> list:
+        """``B * g_hat**2`` with ``g_hat`` averaged over micro-batches and ``B`` their total positions."""
+        positions = raw[-1] * count
+        return [positions * g * g for g in raw[:-1]]
