@@ -122,9 +122,11 @@ class AdaHessian(SecondOrderOptimizer):
     # ---- curvature --------------------------------------------------------------------
     def _curvature(self, loss: Tensor, params: list[Tensor]) -> tuple[tuple, list[Tensor]]:
         """Gradient and, per parameter, the signed products ``z * Hz`` of every probe ``[num_probes, *shape]``."""
-        P = sum(p.numel() for p in params)
-        signs = torch.randint(0, 2, (self.num_probes, P), generator=self.generator, dtype=torch.int8)
-        probes = (signs * 2 - 1).to(params[0].device)
+        # per parameter, in order, as the official code draws them (its 2 * randint_like(p, high=2) - 1)
+        probes = torch.cat([
+            (2 * torch.randint(0, 2, (self.num_probes, *p.shape), generator=self.generator, dtype=p.dtype) - 1)
+            .reshape(self.num_probes, -1) for p in params
+        ], dim=1).to(params[0].device)
         raw = [torch.zeros(self.num_probes, *p.shape, dtype=p.dtype, device=p.device) for p in params]
 
         def sink(start: int, pieces: list[Tensor], products: tuple) -> None:
@@ -159,7 +161,7 @@ class AdaHessian(SecondOrderOptimizer):
         bias1 = 1 - beta1**self.num_steps
         bias2 = 1 - beta2 ** max(self.num_curvature_steps, 1)
         k = group["hessian_power"]
-        denom = (state["exp_hessian_diag_sq"].sqrt() / math.sqrt(bias2)).pow(k).add_(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / bias1)
+        # the official code's order of operations, so that it is matched bit for bit
+        denom = (state["exp_hessian_diag_sq"].sqrt() ** k / math.sqrt(bias2) ** k).add_(group["eps"])
+        p.sub_(group["lr"] * (state["exp_avg"] / bias1 / denom + group["weight_decay"] * p))
         return 0
