@@ -131,7 +131,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 loss, g, r = self._derivatives(micro(), params, step, refresh)
                 total_loss, grads, raw = total_loss + loss.detach(), _add(grads, g), _add(raw, r)
         n = len(closures)
-        grads, raw = _scale(grads, 1 / n), _scale(raw, 1 / n)
+        if n > 1:
+            grads, raw = _scale(grads, 1 / n), _scale(raw, 1 / n)
         estimates = self._combine(raw, n) if refresh else raw
         check_finite(step, gradient=grads, curvature=estimates)
         self.num_steps, self.num_curvature_steps = step, self.num_curvature_steps + int(refresh)
