@@ -20,55 +20,26 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import Contention, cpu_model, machine, prepare
 from torch import nn
 
-try:
-    import secondorder
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    import secondorder
-
-NUM_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-torch.set_num_threads(NUM_THREADS)
-
-# PyHessian's single-batch mode calls loss.backward(create_graph=True), which makes a
-# parameter <-> graph reference cycle; torch warns about it. Known, harmless here.
-warnings.filterwarnings("ignore", message=".*create_graph=True.*")
+NUM_THREADS = prepare()
+import secondorder  # noqa: E402  (after prepare() put src/ on the path if needed)
 
 
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    return (
-        f"{cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
-    )
-
-
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -88,38 +59,11 @@ def load() -> str:
         return "load average unknown"
 
 
-def busy_seconds() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy, CPU seconds this process and its children used)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-    except (OSError, ValueError, IndexError):
-        busy = math.nan
-    t = os.times()
-    return busy, t.user + t.system + t.children_user + t.children_system
-
-
-class Contention:
-    """CPU time that *other* processes took while a section ran (they skew the timings)."""
-
-    def __init__(self):
-        self.start = busy_seconds()
-        self.t0 = time.perf_counter()
-
-    def report(self) -> tuple[float, float]:
-        busy, ours = busy_seconds()
-        other = max(0.0, (busy - self.start[0]) - (ours - self.start[1]))
-        wall = time.perf_counter() - self.t0
-        return other, wall
-
-
 TIMED = {"1", "2"}  # the targets whose result is a time
 
 
 def warn_contention(target: str, contention: Contention) -> float:
-    other, wall = contention.report()
-    share = other / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+    other, wall, share = contention.share()
     msg = f"target {target}: other processes used {other:.1f} CPU-s in {wall:.1f} s ({100 * share:.0f}% of the machine)"
     if share > 0.05 and target in TIMED:
         msg += "  ** WARNING: the machine was shared; timings are unreliable, rerun on an idle machine **"

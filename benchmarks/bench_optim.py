@@ -25,29 +25,19 @@ import gc
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import Contention, machine, prepare
 from torch import nn
 
-try:
-    import secondorder
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    import secondorder
-from secondorder.optim import AdaHessian, SophiaG, SophiaH
-
-NUM_THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-torch.set_num_threads(NUM_THREADS)
-# torch-optimizer's closure needs backward(create_graph=True), which makes torch warn about a
-# parameter <-> graph reference cycle; known and harmless here (grads are reset every step).
-warnings.filterwarnings("ignore", message=".*create_graph=True.*")
+NUM_THREADS = prepare()
+import secondorder  # noqa: E402  (after prepare() put src/ on the path if needed)
+from secondorder.optim import AdaHessian, SophiaG, SophiaH  # noqa: E402
 BLOCK = 10  # steps per timed block
 LR = 1e-3  # small enough that ~100 steps on random labels stay finite for every optimizer
 
@@ -55,47 +45,6 @@ LR = 1e-3  # small enough that ~100 steps on random labels stay finite for every
 # ---------------------------------------------------------------------------------------
 # machine
 # ---------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    return (f"{cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
-
-
-def busy_seconds() -> tuple[float, float]:
-    """(CPU seconds the whole machine has been busy, CPU seconds this process and its children used)."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-    except (OSError, ValueError, IndexError):
-        busy = math.nan
-    t = os.times()
-    return busy, t.user + t.system + t.children_user + t.children_system
-
-
-class Contention:
-    """CPU time that *other* processes took while a section ran (it skews the timings)."""
-
-    def __init__(self):
-        self.start, self.t0 = busy_seconds(), time.perf_counter()
-
-    def share(self) -> tuple[float, float, float]:
-        busy, ours = busy_seconds()
-        other = max(0.0, (busy - self.start[0]) - (ours - self.start[1]))
-        wall = time.perf_counter() - self.t0
-        return other, wall, other / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
-
-
 # ---------------------------------------------------------------------------------------
 # model, data, one training step per optimizer
 # ---------------------------------------------------------------------------------------
