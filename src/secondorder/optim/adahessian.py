@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from secondorder.operators.products import hessian_product
-from secondorder.optim.base import SecondOrderOptimizer, checked_loss, gradient_only, validate_common
+from secondorder.optim.base import SecondOrderOptimizer, gradient_only, validate_common
 
 
 def spatial_average(d: Tensor, block_size: int | None) -> Tensor:
@@ -80,6 +80,9 @@ class AdaHessian(SecondOrderOptimizer):
         block_size: spatial averaging block for 2-D parameters (must divide their last dimension).
         num_probes: Rademacher probes per curvature step (averaged).
         seed: seed of the optimizer's own probe generator (the global RNG is never used).
+        grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast: the loss is scaled before
+            differentiating and the gradient and curvature are unscaled before use (no scale leaks
+            into the denominator); an overflow skips the step and backs the scale off.
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class AdaHessian(SecondOrderOptimizer):
         block_size: int | None = None,
         num_probes: int = 1,
         seed: int = 0,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ):
         validate_common(lr, betas, eps, weight_decay)
         if not 0.0 <= hessian_power <= 1.0:
@@ -109,7 +113,7 @@ class AdaHessian(SecondOrderOptimizer):
             raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
                         block_size=block_size)
-        super().__init__(params, defaults, update_each, seed)
+        super().__init__(params, defaults, update_each, seed, grad_scaler)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim == 2 and group["block_size"] and p.shape[1] % group["block_size"]:
@@ -147,7 +151,7 @@ class AdaHessian(SecondOrderOptimizer):
         return [transform(r).mean(0) for r in raw]
 
     def _derivatives(self, out, params, step, refresh):
-        loss = checked_loss(out, step)
+        loss = out
         if refresh:
             return (loss, *self._curvature(loss, params))
         return gradient_only(loss, params)

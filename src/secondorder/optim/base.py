@@ -41,7 +41,7 @@ def checked_loss(loss: object, step: int) -> Tensor:
 def check_finite(step: int, **named: list | tuple) -> None:
     """Raise before any parameter changes if a gradient or curvature estimate is not finite."""
     for name, tensors in named.items():
-        if any(t is not None and not torch.isfinite(t).all() for t in tensors):
+        if not _all_finite(tensors):
             raise FloatingPointError(f"the {name} at step {step} is not finite; parameters were not changed")
 
 
@@ -50,6 +50,10 @@ def _add(acc: list | None, new) -> list:
     if acc is None:
         return list(new)
     return [a if b is None else (b if a is None else a + b) for a, b in zip(acc, new)]
+
+
+def _all_finite(*lists: list) -> bool:
+    return all(t is None or bool(torch.isfinite(t).all()) for values in lists for t in values)
 
 
 def _scale(values: list, factor: float) -> list:
@@ -73,19 +77,50 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     (each returning its micro-batch's mean loss; micro-batches count equally). Each is
     differentiated and its graph freed before the next; gradients and raw curvature quantities
     are averaged over all of them, with the same Hutchinson probes for every micro-batch, so the
-    step equals the full-batch one. Probes come from the optimizer's own ``generator`` (seeded by
+    step equals the full-batch one. With a ``grad_scaler`` (``torch.amp.GradScaler``) the loss is
+    scaled before differentiating and gradient and raw curvature are unscaled before use (no
+    scale leaks into a denominator); an overflow skips the step and backs the scale off, and the
+    scale grows after ``growth_interval`` good steps, through the scaler's public API. Probes come from the optimizer's own ``generator`` (seeded by
     ``seed``), which ``state_dict`` saves with the step counters: a resumed run is bitwise identical.
     """
 
     same_probes_per_micro_batch = True
     """Hutchinson estimators draw one probe set per step and apply it to every micro-batch."""
 
-    def __init__(self, params, defaults: dict, every: int, seed: int):
+    def __init__(self, params, defaults: dict, every: int, seed: int, grad_scaler=None):
         super().__init__(params, defaults)
         self.every, self.seed = every, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.num_steps = 0
         self.num_curvature_steps = 0
+        self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
+        self.num_good_steps = 0  # since the last change of the loss scale
+        self.loss_scale = 1.0  # of the step in progress
+
+    # ---- hooks for the closure's output and mixed-precision loss scaling ---------------
+    def _loss_of(self, out: object) -> object:
+        """The loss in what the closure returned."""
+        return out
+
+    def _with_loss(self, out: object, loss: Tensor) -> object:
+        """The closure's output with its loss replaced (by the scaled loss)."""
+        return loss
+
+    def _unscale(self, raw: list, scale: float) -> list:
+        """Raw curvature quantities computed from the scaled loss, brought back to the loss's scale."""
+        return _scale(raw, 1.0 / scale)
+
+    def _rescale(self, found_inf: bool) -> None:
+        """GradScaler's dynamic schedule (backoff on overflow, growth every interval), through its public API."""
+        s = self.grad_scaler
+        if found_inf:
+            new, self.num_good_steps = self.loss_scale * s.get_backoff_factor(), 0
+        else:
+            self.num_good_steps += 1
+            new = self.loss_scale
+            if self.num_good_steps == s.get_growth_interval():
+                new, self.num_good_steps = new * s.get_growth_factor(), 0
+        s.update(new)
 
     def _derivatives(self, out: object, params: list[Tensor], step: int, refresh: bool) -> tuple[Tensor, tuple, list]:
         raise NotImplementedError
@@ -123,17 +158,28 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         refresh = (step - 1) % self.every == 0
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         probes_state = self.generator.get_state()
+        self.loss_scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
         total_loss, grads, raw = 0.0, None, None
         with torch.enable_grad():
             for i, micro in enumerate(closures):
                 if i and refresh and self.same_probes_per_micro_batch:
                     self.generator.set_state(probes_state)
-                loss, g, r = self._derivatives(micro(), params, step, refresh)
+                out = micro()
+                loss = checked_loss(self._loss_of(out), step)
+                if self.grad_scaler is not None:
+                    out = self._with_loss(out, self.grad_scaler.scale(loss))
+                _, g, r = self._derivatives(out, params, step, refresh)
                 total_loss, grads, raw = total_loss + loss.detach(), _add(grads, g), _add(raw, r)
         n = len(closures)
+        if self.grad_scaler is not None:
+            grads = _scale(grads, 1 / self.loss_scale)
+            raw = self._unscale(raw, self.loss_scale) if refresh else raw
         if n > 1:
             grads, raw = _scale(grads, 1 / n), _scale(raw, 1 / n)
         estimates = self._combine(raw, n) if refresh else raw
+        if self.grad_scaler is not None and not _all_finite(grads, estimates):
+            self._rescale(found_inf=True)  # the scaled derivatives overflowed: skip, as GradScaler does
+            return total_loss / n
         check_finite(step, gradient=grads, curvature=estimates)
         self.num_steps, self.num_curvature_steps = step, self.num_curvature_steps + int(refresh)
         found = dict(zip(map(id, params), zip(grads, estimates)))
@@ -145,12 +191,14 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                         counted += self._update(p, group, *found[id(p)])
                         total += p.numel()
         self._finish(counted, total)
+        if self.grad_scaler is not None:
+            self._rescale(found_inf=False)
         return total_loss / n
 
     def state_dict(self) -> dict:
         out = super().state_dict()
         out["second_order"] = {"num_steps": self.num_steps, "num_curvature_steps": self.num_curvature_steps,
-                               "generator": self.generator.get_state()}
+                               "num_good_steps": self.num_good_steps, "generator": self.generator.get_state()}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -159,4 +207,5 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             raise ValueError(f"not a {type(self).__name__} state_dict (no 'second_order' entry)")
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "second_order"})
         self.num_steps, self.num_curvature_steps = extra["num_steps"], extra["num_curvature_steps"]
+        self.num_good_steps = extra["num_good_steps"]
         self.generator.set_state(extra["generator"])

@@ -31,20 +31,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from secondorder.operators.products import hessian_product
-from secondorder.optim.base import SecondOrderOptimizer, checked_loss, gradient_only, validate_common
+from secondorder.optim.base import SecondOrderOptimizer, gradient_only, validate_common
 
 
 class _Sophia(SecondOrderOptimizer):
     """Shared update, schedule and checkpointing; subclasses provide the estimate ``h_hat``."""
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float], rho: float, eps: float,
-                 weight_decay: float, k: int, seed: int):
+                 weight_decay: float, k: int, seed: int, grad_scaler=None):
         validate_common(lr, betas, eps, weight_decay)
         if not rho > 0:
             raise ValueError(f"rho (the clipping scale gamma) must be positive, got {rho}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k (steps between curvature refreshes) must be a positive integer, got {k!r}")
-        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay), k, seed)
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay), k, seed,
+                         grad_scaler)
         self.clip_fraction = float("nan")
 
     def _estimate(self, out: object, params: list[Tensor], step: int) -> tuple[Tensor, tuple, list]:
@@ -53,8 +54,7 @@ class _Sophia(SecondOrderOptimizer):
     def _derivatives(self, out, params, step, refresh):
         if refresh:
             return self._estimate(out, params, step)
-        loss = checked_loss(out[0] if isinstance(out, tuple) else out, step)
-        return gradient_only(loss, params)
+        return gradient_only(self._loss_of(out), params)
 
     def _finish(self, counted: int, total: int) -> None:
         self.clip_fraction = counted / total if total else float("nan")
@@ -77,11 +77,12 @@ class SophiaH(_Sophia):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
-                 rho: float = 0.01, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0):
-        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed)
+                 rho: float = 0.01, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0,
+                 grad_scaler: torch.amp.GradScaler | None = None):
+        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed, grad_scaler)
 
     def _estimate(self, out, params, step):
-        loss = checked_loss(out, step)
+        loss = out
         P = sum(p.numel() for p in params)
         u = torch.randn(1, P, generator=self.generator, dtype=params[0].dtype).to(params[0].device)
         estimates = [None] * len(params)
@@ -108,20 +109,30 @@ class SophiaG(_Sophia):
     same_probes_per_micro_batch = False  # every micro-batch samples its own labels
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
-                 rho: float = 0.04, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0):
-        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed)
+                 rho: float = 0.04, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0,
+                 grad_scaler: torch.amp.GradScaler | None = None):
+        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed, grad_scaler)
 
-    def _estimate(self, out, params, step):
+    def _loss_of(self, out: object) -> object:
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Tensor)):
             raise ValueError("SophiaG's closure must return (loss, logits); logits carry the classes on the last dim")
-        loss = checked_loss(out[0], step)
+        return out[0]
+
+    def _with_loss(self, out: object, loss: Tensor) -> object:
+        return (loss, out[1])
+
+    def _unscale(self, raw: list, scale: float) -> list:
+        return [g / scale for g in raw[:-1]] + [raw[-1]]  # the last entry counts positions
+
+    def _estimate(self, out, params, step):
+        loss = out[0]
         logits = out[1].reshape(-1, out[1].shape[-1])
         # inverse-CDF sampling: one uniform per position, so micro-batches draw what the full batch would
         cdf = torch.softmax(logits.detach().double(), dim=-1).cpu().cumsum(-1)
         uniform = torch.rand(cdf.shape[0], 1, generator=self.generator, dtype=torch.float64) * cdf[:, -1:]
         sampled = torch.searchsorted(cdf, uniform).squeeze(1).clamp_max(cdf.shape[1] - 1).to(logits.device)
         grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
-        sampled_loss = F.cross_entropy(logits, sampled)
+        sampled_loss = F.cross_entropy(logits, sampled) * self.loss_scale  # scaled like the loss
         g_hat = torch.autograd.grad(sampled_loss, params, allow_unused=True)
         positions = torch.tensor(float(logits.shape[0]), dtype=loss.dtype)
         return loss, grads, [g if g is not None else torch.zeros_like(p) for g, p in zip(g_hat, params)] + [positions]
