@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import Contention, cpu_model, machine, prepare
+from machine import Contention, prepare
 from torch import nn
 
 NUM_THREADS = prepare()
 import secondorder  # noqa: E402  (after prepare() put src/ on the path if needed)
+from secondorder.environment import cpu_model, describe as machine  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,28 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 
 import torch
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    return (
-        f"{cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
-    )
 
 
 def busy_seconds() -> tuple[float, float]:

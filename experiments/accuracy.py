@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from update_frequency import Net as Net1D, cpu_model, load_data as load_mnist1d  # noqa: E402
+from common import machine_line, train_step  # noqa: E402
+from update_frequency import Net as Net1D, load_data as load_mnist1d  # noqa: E402
 
 from secondorder.optim.adahessian import AdaHessian  # noqa: E402
 
@@ -99,13 +99,7 @@ def train_eval(name, lr, seed, net_cls, xtr, ytr, xev, yev, epochs, batch):
             idx = perm[i : i + batch]
             xb, yb = xtr[idx], ytr[idx]
             try:
-                if second_order:
-                    loss = opt.step(lambda: F.cross_entropy(model(xb), yb))
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(xb), yb)
-                    loss.backward()
-                    opt.step()
+                loss = train_step(opt, second_order, lambda: F.cross_entropy(model(xb), yb))
             except FloatingPointError:
                 return float("nan"), True
             if not math.isfinite(float(loss.detach())):
@@ -166,8 +160,7 @@ def main():
         "# Final test accuracy: AdaHessian vs SGD / Adam / AdamW (small-scale analogue of the paper's Table 2)",
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"Python {platform.python_version()}  ",
+        machine_line(),
         f"Setup: batch {a.batch}; per-step cosine lr decay to 0 for every optimizer; "
         f"MNIST-1D (4000 train / 1000 test) {a.epochs_mnist1d} epochs, "
         "Conv1d(1,16,5)-ReLU-Conv1d(16,32,5)-ReLU-GAP-Linear(32,10); "

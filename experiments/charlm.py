@@ -14,23 +14,12 @@ Not run on its own; imported by ``sophia_lm.py`` and ``lr_robustness.py``.
 from __future__ import annotations
 
 import math
-import platform
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 CONTEXT, BATCH, D_MODEL, HEADS, LAYERS = 64, 32, 64, 4, 2
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 class CharData:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from charlm import BATCH, CONTEXT, CharData, CharLM, cpu_model, evaluate, lm_loss  # noqa: E402
+from charlm import BATCH, CONTEXT, CharData, CharLM, evaluate, lm_loss  # noqa: E402
+from common import machine_line  # noqa: E402
 
 from secondorder.optim.adahessian import AdaHessian  # noqa: E402
 
@@ -95,8 +95,7 @@ def main():
     lines = [
         "# Learning-rate robustness: AdamW vs AdaHessian on a tiny char-LM (small-scale check)", "",
         f"Command: `{cmd}`  ",
-        f"Machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"Python {platform.python_version()}  ",
+        machine_line(),
         f"Setup: the char-LM of `charlm.py` (`pydoc_data.topics`, 2-layer pre-LN transformer, d_model 64, "
         f"context {CONTEXT}, batch {BATCH}); {a.steps} steps, constant lr, no warm-up, seed {a.seed}. "
         f"AdamW base lr {bases['AdamW']:g} (wd 0.1, betas (0.9, 0.95)); AdaHessian base lr {bases['AdaHessian']:g} "

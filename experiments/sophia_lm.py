@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -26,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from charlm import BATCH, CONTEXT, CharData, CharLM, cpu_model, evaluate, lm_loss  # noqa: E402
+from charlm import BATCH, CONTEXT, CharData, CharLM, evaluate, lm_loss  # noqa: E402
+from common import machine_line  # noqa: E402
 
 from secondorder.optim.sophia import SophiaG, SophiaH  # noqa: E402
 
@@ -129,8 +129,7 @@ def main():
     lines = [
         "# Sophia vs AdamW on a tiny character-level transformer LM (small-scale check)", "",
         f"Command: `{cmd}`  ",
-        f"Machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"Python {platform.python_version()}  ",
+        machine_line(),
         f"Setup: `pydoc_data.topics` ({data.n_chars} chars, 90/10 split, vocab {data.vocab} incl. UNK), "
         f"2-layer pre-LN transformer d_model 64, 4 heads, MLP 4x, context {CONTEXT}, batch {BATCH}, "
         f"{sum(p.numel() for p in CharLM(data.vocab).parameters())} parameters; {a.steps} steps, constant lr, "

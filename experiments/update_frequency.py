@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -25,21 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import machine_line, train_step
 from secondorder.optim.adahessian import AdaHessian
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_THEORY = {1: 2.0, 2: 1.5, 3: 1.33, 4: 1.25, 5: 1.2}  # x one gradient (paper, Table on update frequency)
 PAPER_MEASURED_SGD = {1: 2.42, 5: 1.28}  # x SGD, paper's measured endpoints
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_data():
@@ -90,13 +80,7 @@ def run(name: str, seed: int, data, epochs: int, batch: int, ah_lr: float) -> di
             curv_before = opt.num_curvature_steps if second_order else 0
             t0 = time.perf_counter()
             try:
-                if second_order:
-                    loss = opt.step(lambda: F.cross_entropy(model(xb), yb))
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(model(xb), yb)
-                    loss.backward()
-                    opt.step()
+                loss = train_step(opt, second_order, lambda: F.cross_entropy(model(xb), yb))
             except FloatingPointError:
                 diverged = True
                 break
@@ -167,8 +151,7 @@ def main():
         "# AdaHessian Hessian-update frequency on MNIST-1D (small-scale reproduction)",
         "",
         f"Command: `{cmd}`  ",
-        f"Machine: {cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"Python {platform.python_version()}  ",
+        machine_line(),
         f"Setup: MNIST-1D (4000 train / 1000 test), Conv1d(1,16,5)-ReLU-Conv1d(16,32,5)-ReLU-GAP-Linear(32,10), "
         f"batch {a.batch}, {a.epochs} epochs, {a.seeds} seeds; SGD lr 0.1 momentum 0.9, Adam lr 1e-3, "
         f"AdaHessian lr {a.adahessian_lr} (defaults otherwise). No schedule, no weight decay.  ",
