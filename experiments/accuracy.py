@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, train_step  # noqa: E402
+from common import machine_line, train_step, write_markdown  # noqa: E402
 from update_frequency import Net as Net1D, load_data as load_mnist1d  # noqa: E402
 
 from secondorder.optim.adahessian import AdaHessian  # noqa: E402
@@ -183,15 +183,7 @@ def main():
             div = f" ({r['div']} diverged)" if r["div"] else ""
             lines.append(f"| {ds} | {name} | {sel[ds, name]:g} | {vs} | {100 * r['mean']:.1f} ± {100 * r['std']:.1f}{div} |")
     lines += ["", "std = sample standard deviation over seeds; nan = diverged (non-finite loss).", ""]
-    md, png = Path(a.out + ".md"), Path(a.out + ".png")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines))
-    print("\n".join(lines))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    png, plt = write_markdown(lines, a.out)
 
     fig, axes = plt.subplots(1, len(DATASETS), figsize=(10, 4))
     colors = ["tab:green", "tab:red", "tab:orange", "tab:blue"]
@@ -208,7 +200,7 @@ def main():
     fig.suptitle("Final test accuracy (mean ± std), lr chosen on a validation split")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
-    print(f"wrote {md} and {png} in {total:.0f} s")
+    print(f"wrote {png.with_suffix('.md')} and {png} in {total:.0f} s")
 
 
 if __name__ == "__main__":

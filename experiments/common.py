@@ -24,3 +24,19 @@ def train_step(opt, second_order: bool, closure):
     loss.backward()
     opt.step()
     return loss
+
+
+def write_markdown(lines: list[str], out: str):
+    """Write the table to ``OUT.md`` and print it; return the PNG path ``OUT.png`` and pyplot (Agg)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    md, png = Path(out + ".md"), Path(out + ".png")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines))
+    print("\n".join(lines))
+    return png, plt

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charlm import BATCH, CONTEXT, CharData, CharLM, evaluate, lm_loss  # noqa: E402
-from common import machine_line  # noqa: E402
+from common import machine_line, write_markdown  # noqa: E402
 
 from secondorder.optim.adahessian import AdaHessian  # noqa: E402
 
@@ -115,14 +115,7 @@ def main():
         lines.append(f"| {s}x | {bases['AdamW'] * s:g} | {cell(ra)} | {ra['peak']:.2f} | {bases['AdaHessian'] * s:g} "
                      f"| {cell(rh)} | {rh['peak']:.2f} |")
     lines.append("")
-    md, png = Path(a.out + ".md"), Path(a.out + ".png")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines))
-    print("\n".join(lines))
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    png, plt = write_markdown(lines, a.out)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ymax = max([r["final"] for r in res.values() if not r["diverged"]] + [0.0])
     for name, c in (("AdamW", "C0"), ("AdaHessian", "C3")):
@@ -134,7 +127,7 @@ def main():
     ax.set_xscale("log"); ax.set_xticks(SCALES); ax.set_xticklabels([f"{s:g}" for s in SCALES])
     ax.set_xlabel("lr scale (x base lr)"); ax.set_ylabel(f"validation loss after {a.steps} steps")
     ax.set_title("lr robustness on the char-LM"); ax.legend(fontsize=8); fig.tight_layout(); fig.savefig(png, dpi=120)
-    print(f"wrote {md} and {png}")
+    print(f"wrote {png.with_suffix('.md')} and {png}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charlm import BATCH, CONTEXT, CharData, CharLM, evaluate, lm_loss  # noqa: E402
-from common import machine_line  # noqa: E402
+from common import machine_line, write_markdown  # noqa: E402
 
 from secondorder.optim.sophia import SophiaG, SophiaH  # noqa: E402
 
@@ -159,14 +159,7 @@ def main():
         lines.append(f"| {n} | {lr:g} | {rho:g} | {fmt(r)} "
                      f"| {r['clip']:.3f} |")
     lines.append("")
-    md, png = Path(a.out + ".md"), Path(a.out + ".png")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines))
-    print("\n".join(lines))
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    png, plt = write_markdown(lines, a.out)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"AdamW": "C0", "SophiaG": "C1", "SophiaH": "C2"}
     for n in names:
@@ -179,7 +172,7 @@ def main():
     ax.set_ylim(top=min(3.6, ax.get_ylim()[1]))
     ax.set_title("char-LM on pydoc_data.topics: AdamW vs Sophia")
     ax.legend(fontsize=8); fig.tight_layout(); fig.savefig(png, dpi=120)
-    print(f"wrote {md} and {png}")
+    print(f"wrote {png.with_suffix('.md')} and {png}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import machine_line, train_step
+from common import machine_line, train_step, write_markdown
 from secondorder.optim.adahessian import AdaHessian
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -177,15 +177,7 @@ def main():
               "over seeds. A plain median over all steps is not used because for n >= 3 it equals the "
               "gradient-only step and hides the Hessian cost. 'mean step' = arithmetic mean over all steps "
               "(includes timer outliers), as a cross-check.", ""]
-    md, png = Path(a.out + ".md"), Path(a.out + ".png")
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines))
-    print("\n".join(lines))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    png, plt = write_markdown(lines, a.out)
 
     ns = list(range(1, 6))
     ah = [S[f"AdaHessian n={n}"] for n in ns]
@@ -211,7 +203,7 @@ def main():
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
-    print(f"wrote {md} and {png} in {total:.0f} s")
+    print(f"wrote {png.with_suffix('.md')} and {png} in {total:.0f} s")
 
 
 if __name__ == "__main__":
