@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charlm import BATCH, CONTEXT, CharData, CharLM, evaluate, lm_loss  # noqa: E402
-from common import machine_line, write_markdown  # noqa: E402
+from common import machine_line, train_step, write_markdown  # noqa: E402
 
 from secondorder.optim.adahessian import AdaHessian  # noqa: E402
 
@@ -44,13 +44,7 @@ def train(name, lr, data, seed, steps):
     for step in range(1, steps + 1):
         x, y = data.batch(gen)
         try:
-            if name == "AdamW":
-                opt.zero_grad(set_to_none=True)
-                loss = lm_loss(model(x), y)
-                loss.backward()
-                opt.step()
-            else:
-                loss = opt.step(lambda: lm_loss(model(x), y))
+            loss = train_step(opt, name != "AdamW", lambda: lm_loss(model(x), y))
         except (FloatingPointError, ValueError) as e:
             return dict(final=float("nan"), diverged=True, at=step, why=type(e).__name__, peak=peak,
                         time=time.perf_counter() - t0)

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from charlm import BATCH, CONTEXT, CharData, CharLM, evaluate, lm_loss  # noqa: E402
-from common import machine_line, write_markdown  # noqa: E402
+from common import machine_line, train_step, write_markdown  # noqa: E402
 
 from secondorder.optim.sophia import SophiaG, SophiaH  # noqa: E402
 
@@ -49,19 +49,14 @@ def train(name, data, seed, steps, eval_every, lr=None, rho=None):
     for step in range(1, steps + 1):
         x, y = data.batch(gen)
         try:
-            if name == "AdamW":
-                opt.zero_grad(set_to_none=True)
-                loss = lm_loss(model(x), y)
-                loss.backward()
-                opt.step()
-            elif name == "SophiaG":
+            if name == "SophiaG":
                 def closure():
                     logits = model(x)
                     return lm_loss(logits, y), logits
                 loss = opt.step(closure)
-                clips.append(opt.clip_fraction)
             else:
-                loss = opt.step(lambda: lm_loss(model(x), y))
+                loss = train_step(opt, name != "AdamW", lambda: lm_loss(model(x), y))
+            if name != "AdamW":
                 clips.append(opt.clip_fraction)
         except (FloatingPointError, ValueError):
             diverged = True
