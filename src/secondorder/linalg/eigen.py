@@ -24,7 +24,7 @@ from torch import Tensor
 from secondorder.linalg.probes import Seed, make_generator
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import EigenResult
-from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.operators.base import IdentityOperator, LinearOperator, as_operator
 
 _WHICH = ("largest", "smallest", "magnitude")
 
@@ -132,15 +132,6 @@ def _subspace(B: LinearOperator, k: int, tol: float, max_matvecs: int, gen, whic
         X, _ = torch.linalg.qr(AX)
 
 
-class _Shifted(LinearOperator):
-    def __init__(self, A: LinearOperator, sign: float, shift: float):
-        self.A, self.sign, self.shift = A, sign, shift
-        self.shape, self.dtype, self.device, self.blocks = A.shape, A.dtype, A.device, A.blocks
-
-    def _matmat(self, V: Tensor) -> Tensor:
-        return self.sign * (self.A @ V) + self.shift * V
-
-
 def _power(A, k, which, tol, max_matvecs, gen):
     if which == "magnitude":
         return _subspace(A, k, tol, max_matvecs, gen, which, 0.0, 1.0)
@@ -148,7 +139,8 @@ def _power(A, k, which, tol, max_matvecs, gen):
     rho = _subspace(A, 1, 1e-2, 50, gen, "magnitude", 0.0, 1.0)
     radius = 1.05 * float(rho[0].abs().max())
     sign = 1.0 if which == "largest" else -1.0
-    out = _subspace(_Shifted(A, sign, radius), k, tol, max_matvecs - rho[4], gen, which, radius, sign)
+    shifted = sign * A + radius * IdentityOperator(A.shape[0], A.dtype, A.device)
+    out = _subspace(shifted, k, tol, max_matvecs - rho[4], gen, which, radius, sign)
     return out[:4] + (out[4] + rho[4],) + out[5:]
 
 

@@ -89,7 +89,8 @@ class SophiaH(_Sophia):
 
         def sink(start: int, pieces: list[Tensor], products: tuple) -> None:
             for i, (piece, product) in enumerate(zip(pieces, products)):
-                estimates[i] = (piece * product)[0] if product is not None else torch.zeros_like(params[i])
+                if product is not None:  # None (no curvature) becomes zeros below
+                    estimates[i] = (piece * product)[0]
 
         grads = hessian_product(loss, params, u, sink)
         return loss, grads, [e if e is not None else torch.zeros_like(p) for e, p in zip(estimates, params)]
