@@ -11,6 +11,7 @@ is the minimum block time over the rounds divided by 10. A block of 10 steps con
     python benchmarks/bench_optim.py                 # full run (about a minute on 2 cores)
     python benchmarks/bench_optim.py --quick         # smoke run
     python benchmarks/bench_optim.py --json out.json
+    python benchmarks/bench_optim.py --device cuda   # on a GPU (peak memory: max_memory_allocated)
 
 Peak memory runs 10 steps of one optimizer in a fresh subprocess (``--memory-child NAME``).
 Needs ``torch-optimizer`` (``pip install --no-deps -r anchors.txt``).
@@ -41,6 +42,7 @@ from secondorder.environment import describe as machine  # noqa: E402
 from secondorder.optim import AdaHessian, SophiaG, SophiaH  # noqa: E402
 BLOCK = 10  # steps per timed block
 LR = 1e-3  # small enough that ~100 steps on random labels stay finite for every optimizer
+DEVICE = torch.device("cpu")  # set by --device
 
 
 # ---------------------------------------------------------------------------------------
@@ -60,7 +62,12 @@ def setup() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = cnn()
     X, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    return model, X, y
+    return model.to(DEVICE), X.to(DEVICE), y.to(DEVICE)
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def make_step(name: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor):
@@ -108,7 +115,7 @@ def make_step(name: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor):
         return lambda: opt.step(closure)
     if name == "grad_hvp":  # the floor: one gradient + one HVP through secondorder's operator
         A = secondorder.HessianOperator(model, F.cross_entropy, (X, y))
-        v = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(1))
+        v = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE)
         return lambda: A @ v
     if name == "grad":  # diagnostic: forward + plain backward
         return lambda: torch.autograd.grad(loss(), params)
@@ -132,9 +139,11 @@ def time_steps(names: list[str], rounds: int, warmup_blocks: int = 1) -> dict[st
     for _ in range(rounds):
         for n, fn in fns.items():
             gc.collect()
+            synchronize()
             t0 = time.perf_counter()
             for _ in range(BLOCK):
                 fn()
+            synchronize()
             times[n].append((time.perf_counter() - t0) / BLOCK)
     return {n: min(ts) for n, ts in times.items()}
 
@@ -151,11 +160,24 @@ def _status_kb(key: str) -> int:
 
 
 def memory_child(name: str) -> None:
-    """Peak RSS increase (bytes) over BLOCK steps of ``name``, printed as JSON."""
+    """Peak memory increase (bytes) over BLOCK steps of ``name``, printed as JSON.
+
+    CPU: the process's peak RSS (VmHWM) over its RSS before; CUDA: ``max_memory_allocated``
+    over ``memory_allocated`` before.
+    """
     model, X, y = setup()
     step = make_step(name, model, X, y)
     torch.autograd.grad(F.cross_entropy(model(X), y), list(model.parameters()))  # warm-up gradient
     gc.collect()
+    if DEVICE.type == "cuda":
+        synchronize()
+        base = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        for _ in range(BLOCK):
+            step()
+        peak = torch.cuda.max_memory_allocated(DEVICE)
+        print(json.dumps(dict(name=name, base=base, peak=peak, increase=peak - base)))
+        return
     try:  # give the freed warm-up activations back, so the baseline is the live memory
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
@@ -171,7 +193,8 @@ def memory_child(name: str) -> None:
 
 def run_child(name: str) -> dict:
     env = dict(os.environ, BENCH_THREADS=str(NUM_THREADS))
-    out = subprocess.run([sys.executable, __file__, "--memory-child", name], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, __file__, "--device", str(DEVICE), "--memory-child", name],
+                         capture_output=True, text=True,
                          env=env, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {name} failed:\n{out.stderr}")
@@ -193,14 +216,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (smoke run)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
     parser.add_argument("--memory-child", metavar="NAME", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.memory_child:
         memory_child(args.memory_child)
         return
 
     rounds = 2 if args.quick else 7
-    print(f"machine: {machine()}", flush=True)
+    print(f"machine: {machine(DEVICE)}", flush=True)
     contention = Contention()
     t = time_steps(TIMED, rounds)
     other, wall, share = contention.share()
@@ -228,11 +254,11 @@ def main() -> None:
     row("3. AdaHessian update_each=5 step vs Adam", t["adahessian_u5"], t["adam"], ms, 1.35)
     row("4a. SophiaH k=10 step vs AdamW", t["sophiah"], t["adamw"], ms, 1.25)
     row("4b. SophiaG k=10 step vs AdamW", t["sophiag"], t["adamw"], ms, 1.25)
-    row("5. peak RSS increase, 10 steps: AdaHessian vs Adam", mem["adahessian"], mem["adam"], mib, None)
-    row("5'. peak RSS increase, 10 steps: AdaHessian vs torch-optimizer Adahessian", mem["adahessian"],
+    row("5. peak memory increase, 10 steps: AdaHessian vs Adam", mem["adahessian"], mem["adam"], mib, None)
+    row("5'. peak memory increase, 10 steps: AdaHessian vs torch-optimizer Adahessian", mem["adahessian"],
         mem["torchopt_adahessian"], mib, None)
 
-    print(f"\nmachine: {machine()}\n{note}\n")
+    print(f"\nmachine: {machine(DEVICE)}\n{note}\n")
     print("| metric | secondorder | anchor | ratio | goal | result |")
     print("|---|---:|---:|---:|---:|---|")
     for r in rows:
@@ -241,9 +267,9 @@ def main() -> None:
         print(f"| {r['metric']} | {r['ours']} | {r['anchor']} | {r['ratio']:.2f} | {goal} | {result} |")
     print("\ndiagnostics (time per call): "
           + ", ".join(f"{n} {ms(v)}" for n, v in t.items())
-          + "\npeak RSS increase: " + ", ".join(f"{n} {mib(v)}" for n, v in mem.items()))
+          + "\npeak memory increase: " + ", ".join(f"{n} {mib(v)}" for n, v in mem.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(machine=machine(), contention_share=share, rounds=rounds,
+        Path(args.json).write_text(json.dumps(dict(machine=machine(DEVICE), contention_share=share, rounds=rounds,
                                                     seconds_per_step=t, rss_increase_bytes=mem, rows=rows),
                                               indent=2))
 

@@ -19,11 +19,17 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def describe() -> str:
-    """One line: CPU model, logical CPUs, torch version, torch threads, Python version."""
+def describe(device: str | torch.device | None = None) -> str:
+    """One line: CPU model, logical CPUs, torch version, torch threads, Python version.
+
+    With a CUDA ``device``, the GPU's name and the CUDA version lead the line.
+    """
     import os
 
-    return (
+    line = (
         f"{cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, Python {platform.python_version()}"
     )
+    if device is not None and torch.device(device).type == "cuda":
+        line = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), host " + line
+    return line

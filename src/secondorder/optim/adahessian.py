@@ -156,16 +156,28 @@ class AdaHessian(SecondOrderOptimizer):
             return (loss, *self._curvature(loss, params))
         return gradient_only(loss, params)
 
-    def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> int:
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], estimates: list[Tensor] | None) -> int:
         beta1, beta2 = group["betas"]
-        state = self._momentum(p, grad, beta1, "exp_hessian_diag_sq")
-        if estimate is not None:
-            d = spatial_average(estimate, group["block_size"])
-            state["exp_hessian_diag_sq"].mul_(beta2).addcmul_(d, d, value=1 - beta2)
+        states = self._momentum(params, grads, beta1, "exp_hessian_diag_sq")
+        second = [state["exp_hessian_diag_sq"] for state in states]
+        if estimates is not None:
+            d = [spatial_average(e, group["block_size"]) for e in estimates]
+            torch._foreach_mul_(second, beta2)
+            torch._foreach_addcmul_(second, d, d, value=1 - beta2)
         bias1 = 1 - beta1**self.num_steps
         bias2 = 1 - beta2 ** max(self.num_curvature_steps, 1)
         k = group["hessian_power"]
-        # the official code's order of operations, so that it is matched bit for bit
-        denom = (state["exp_hessian_diag_sq"].sqrt() ** k / math.sqrt(bias2) ** k).add_(group["eps"])
-        p.sub_(group["lr"] * (state["exp_avg"] / bias1 / denom + group["weight_decay"] * p))
+        # the official code's order of operations, so that it is matched bit for bit:
+        # p -= lr * (m / bias1 / (sqrt(v)**k / sqrt(bias2)**k + eps) + wd * p)
+        denom = torch._foreach_sqrt(second)
+        if k != 1:
+            torch._foreach_pow_(denom, k)
+        torch._foreach_div_(denom, math.sqrt(bias2) ** k)
+        torch._foreach_add_(denom, group["eps"])
+        step = torch._foreach_div([state["exp_avg"] for state in states], bias1)
+        torch._foreach_div_(step, denom)
+        if group["weight_decay"]:
+            torch._foreach_add_(step, torch._foreach_mul(params, group["weight_decay"]))
+        torch._foreach_mul_(step, group["lr"])
+        torch._foreach_sub_(params, step)
         return 0

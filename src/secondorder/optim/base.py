@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -24,7 +25,10 @@ def validate_common(lr: float, betas: tuple[float, float], eps: float, weight_de
 
 
 def checked_loss(loss: object, step: int) -> Tensor:
-    """The closure's loss, or a clear error if it is not a finite scalar tensor with a graph."""
+    """The closure's loss, or a clear error if it is not a scalar tensor with a graph.
+
+    Finiteness is checked later, with the derivatives, in one device synchronisation per step.
+    """
     if not isinstance(loss, Tensor) or loss.ndim != 0:
         shape = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"the closure must return the scalar mean loss; at step {step} it returned {shape}")
@@ -33,13 +37,14 @@ def checked_loss(loss: object, step: int) -> Tensor:
             f"the loss at step {step} does not depend on the parameters (no graph): compute it inside the "
             "closure, outside torch.no_grad(), and do not call backward"
         )
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"the loss at step {step} is {loss.item()}; parameters were not changed")
     return loss
 
 
 def check_finite(step: int, **named: list | tuple) -> None:
-    """Raise before any parameter changes if a gradient or curvature estimate is not finite."""
+    """Raise, naming the first non-finite list (gradient, curvature, ...) and the step.
+
+    The step runs one fused check of everything first and calls this only when it failed.
+    """
     for name, tensors in named.items():
         if not _all_finite(tensors):
             raise FloatingPointError(f"the {name} at step {step} is not finite; parameters were not changed")
@@ -53,7 +58,18 @@ def _add(acc: list | None, new) -> list:
 
 
 def _all_finite(*lists: list) -> bool:
-    return all(t is None or bool(torch.isfinite(t).all()) for values in lists for t in values)
+    """Whether every tensor in the lists is finite, with one synchronisation per device.
+
+    The infinity norm of a tensor is finite exactly when all its entries are, and
+    ``_foreach_norm`` computes all of them in a few fused kernels.
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for values in lists:
+        for t in values:
+            if t is not None and t.numel():
+                by_device.setdefault(t.device, []).append(t if t.is_floating_point() else t.double())
+    return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(ts, math.inf))).all())
+               for ts in by_device.values())
 
 
 def _scale(values: list, factor: float) -> list:
@@ -125,23 +141,30 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _derivatives(self, out: object, params: list[Tensor], step: int, refresh: bool) -> tuple[Tensor, tuple, list]:
         raise NotImplementedError
 
-    def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> int:
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], estimates: list[Tensor] | None):
+        """Update one group's parameters in place (``estimates`` is None between curvature refreshes).
+
+        Returns a count (a number or a 0-d tensor, summed over groups and given to :meth:`_finish`).
+        """
         raise NotImplementedError
 
-    def _momentum(self, p: Tensor, grad: Tensor, beta1: float, curvature_key: str) -> dict:
-        """The parameter's state (created at first use: momentum and a curvature buffer), momentum updated."""
-        state = self.state[p]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state[curvature_key] = torch.zeros_like(p)
-        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-        return state
+    def _momentum(self, params: list[Tensor], grads: list[Tensor], beta1: float, curvature_key: str) -> list[dict]:
+        """The parameters' states (created at first use: momentum and a curvature buffer), momenta updated."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["exp_avg"] = torch.zeros_like(p)
+                state[curvature_key] = torch.zeros_like(p)
+        exp_avgs = [state["exp_avg"] for state in states]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        return states
 
     def _combine(self, raw: list, count: int) -> list:
         """Estimates from the raw quantities averaged over ``count`` micro-batches (default: as they are)."""
         return raw
 
-    def _finish(self, counted: int, total: int) -> None:
+    def _finish(self, counted, total: int) -> None:
         """Hook after a step with the summed return values of :meth:`_update` and the coordinate count."""
 
     def step(self, closure: Closure | Sequence[Closure] | None = None) -> Tensor:  # type: ignore[override]
@@ -159,7 +182,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         probes_state = self.generator.get_state()
         self.loss_scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
-        total_loss, grads, raw = 0.0, None, None
+        losses, grads, raw = [], None, None
         with torch.enable_grad():
             for i, micro in enumerate(closures):
                 if i and refresh and self.same_probes_per_micro_batch:
@@ -169,31 +192,38 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 if self.grad_scaler is not None:
                     out = self._with_loss(out, self.grad_scaler.scale(loss))
                 _, g, r = self._derivatives(out, params, step, refresh)
-                total_loss, grads, raw = total_loss + loss.detach(), _add(grads, g), _add(raw, r)
+                losses.append(loss.detach())
+                grads, raw = _add(grads, g), _add(raw, r)
         n = len(closures)
+        mean_loss = losses[0] if n == 1 else torch.stack(losses).mean()
         if self.grad_scaler is not None:
             grads = _scale(grads, 1 / self.loss_scale)
             raw = self._unscale(raw, self.loss_scale) if refresh else raw
         if n > 1:
             grads, raw = _scale(grads, 1 / n), _scale(raw, 1 / n)
         estimates = self._combine(raw, n) if refresh else raw
-        if self.grad_scaler is not None and not _all_finite(grads, estimates):
-            self._rescale(found_inf=True)  # the scaled derivatives overflowed: skip, as GradScaler does
-            return total_loss / n
-        check_finite(step, gradient=grads, curvature=estimates)
+        if not _all_finite([mean_loss], grads, estimates):
+            if not _all_finite([mean_loss]):
+                raise FloatingPointError(
+                    f"the loss at step {step} is {mean_loss.item()}; parameters were not changed")
+            if self.grad_scaler is not None:
+                self._rescale(found_inf=True)  # the scaled derivatives overflowed: skip, as GradScaler does
+                return mean_loss
+            check_finite(step, gradient=grads, curvature=estimates)
         self.num_steps, self.num_curvature_steps = step, self.num_curvature_steps + int(refresh)
         found = dict(zip(map(id, params), zip(grads, estimates)))
-        counted = total = 0
+        counted, total = 0, 0
         with torch.no_grad():
             for group in self.param_groups:
-                for p in group["params"]:
-                    if id(p) in found and found[id(p)][0] is not None:
-                        counted += self._update(p, group, *found[id(p)])
-                        total += p.numel()
+                live = [(p, *found[id(p)]) for p in group["params"] if id(p) in found and found[id(p)][0] is not None]
+                if live:
+                    ps, gs, es = (list(column) for column in zip(*live))
+                    counted = counted + self._update(group, ps, gs, es if refresh else None)
+                    total += sum(p.numel() for p in ps)
         self._finish(counted, total)
         if self.grad_scaler is not None:
             self._rescale(found_inf=False)
-        return total_loss / n
+        return mean_loss
 
     def state_dict(self) -> dict:
         out = super().state_dict()

@@ -46,7 +46,16 @@ class _Sophia(SecondOrderOptimizer):
             raise ValueError(f"k (steps between curvature refreshes) must be a positive integer, got {k!r}")
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay), k, seed,
                          grad_scaler)
-        self.clip_fraction = float("nan")
+        self._clipped: Tensor | int = 0
+        self._coordinates = 0
+
+    @property
+    def clip_fraction(self) -> float:
+        """Fraction of coordinates whose ratio was clipped at the last step (nan before the first).
+
+        Read lazily, so that a step does not wait for the device.
+        """
+        return float(self._clipped) / self._coordinates if self._coordinates else float("nan")
 
     def _estimate(self, out: object, params: list[Tensor], step: int) -> tuple[Tensor, tuple, list]:
         raise NotImplementedError
@@ -56,18 +65,25 @@ class _Sophia(SecondOrderOptimizer):
             return self._estimate(out, params, step)
         return gradient_only(self._loss_of(out), params)
 
-    def _finish(self, counted: int, total: int) -> None:
-        self.clip_fraction = counted / total if total else float("nan")
+    def _finish(self, counted, total: int) -> None:
+        self._clipped, self._coordinates = counted, total
 
-    def _update(self, p: Tensor, group: dict, grad: Tensor, estimate: Tensor | None) -> int:
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], estimates: list[Tensor] | None):
         beta1, beta2 = group["betas"]
-        state = self._momentum(p, grad, beta1, "hessian")
-        if estimate is not None:
-            state["hessian"].mul_(beta2).add_(estimate, alpha=1 - beta2)
-        ratio = state["exp_avg"] / (group["rho"] * state["hessian"]).clamp_min(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(ratio.clamp(-1.0, 1.0), alpha=-group["lr"])
-        return int((ratio.abs() >= 1).sum())
+        states = self._momentum(params, grads, beta1, "hessian")
+        hessians = [state["hessian"] for state in states]
+        if estimates is not None:
+            torch._foreach_mul_(hessians, beta2)
+            torch._foreach_add_(hessians, estimates, alpha=1 - beta2)
+        denom = torch._foreach_mul(hessians, group["rho"])
+        torch._foreach_clamp_min_(denom, group["eps"])
+        ratio = torch._foreach_div([state["exp_avg"] for state in states], denom)
+        clipped = torch.cat([r.flatten() for r in ratio]).abs().ge(1).sum()
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_add_(params, ratio, alpha=-group["lr"])
+        return clipped
 
 
 class SophiaH(_Sophia):
