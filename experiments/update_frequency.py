@@ -19,12 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from common import machine_line, train_step, write_markdown
+from secondorder.datasets.mnist1d import Mnist1dCNN, load_mnist1d
 from secondorder.optim.adahessian import AdaHessian
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -32,26 +31,8 @@ PAPER_THEORY = {1: 2.0, 2: 1.5, 3: 1.33, 4: 1.25, 5: 1.2}  # x one gradient (pap
 PAPER_MEASURED_SGD = {1: 2.42, 5: 1.28}  # x SGD, paper's measured endpoints
 
 
-def load_data():
-    from mnist1d.data import get_dataset_args, make_dataset  # generated offline, deterministic (args.seed)
-
-    d = make_dataset(get_dataset_args())
-    f = lambda a, dt: torch.as_tensor(np.asarray(a), dtype=dt)
-    return (f(d["x"], torch.float32).unsqueeze(1), f(d["y"], torch.long),
-            f(d["x_test"], torch.float32).unsqueeze(1), f(d["y_test"], torch.long))
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1 = nn.Conv1d(1, 16, 5, padding=2)
-        self.c2 = nn.Conv1d(16, 32, 5, padding=2)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = F.relu(self.c1(x))
-        x = F.relu(self.c2(x))
-        return self.fc(x.mean(-1))  # global average pool
+load_data = load_mnist1d  # the shared MNIST-1D loader and CNN (secondorder.datasets.mnist1d)
+Net = Mnist1dCNN
 
 
 def make_opt(name: str, params, seed: int, ah_lr: float):

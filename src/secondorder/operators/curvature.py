@@ -143,6 +143,30 @@ class CurvatureOperator(LinearOperator):
             self._reduce(rows, torch.zeros_like(out), make_sink, name_nonfinite=True)  # rare: run again to name it
         return out.div_(count)
 
+    def loss_and_gradient(self, gradient: bool = True) -> tuple[float, Tensor | None]:
+        """The data-set mean loss and (unless ``gradient=False``) its gradient ``[P]``.
+
+        Batches are weighted by their size exactly as in the products, with the same per-batch
+        seeds (dropout masks) and the model left as it was. Parameters the loss does not depend
+        on get zero gradient.
+        """
+        total, count = 0.0, 0
+        grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device) if gradient else None
+        with untouched(self.model, self.device), torch.set_grad_enabled(gradient):
+            for index, batch in seeded_batches(self.data, self.seed, self.device):
+                batch = to_device(batch, self.device)
+                n = batch_size(batch, self.batch_size_fn)
+                loss = self._loss(self._outputs(batch, index), batch, index)
+                if gradient:
+                    parts = torch.autograd.grad(loss, self.params, allow_unused=True)
+                    grad.add_(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                         for g, p in zip(parts, self.params)]), alpha=n)
+                total += n * float(loss.detach())
+                count += n
+        if count == 0:
+            raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
+        return total / count, (grad.div_(count) if gradient else None)
+
     def _matmat(self, V: Tensor) -> Tensor:
         rows = V.T.contiguous()  # probes as rows; free when V is column-major, as our probes are
         out = torch.zeros_like(rows)

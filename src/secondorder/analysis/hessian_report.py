@@ -1,0 +1,252 @@
+r"""The Hessian report of a trained network: what PyHessian computes (Yao, Gholami, Keutzer, Mahoney,
+"PyHessian: neural networks through the lens of the Hessian", 2020), with error bars and per layer.
+
+:func:`analyze` measures, on the data-set mean loss :math:`L` of the curvature operator
+:math:`C` (Hessian or Gauss-Newton):
+
+* the loss and :math:`\|\nabla L\|` (how close to a stationary point the curvature was taken);
+* :math:`\mathrm{tr}(C)` by Hutch++ with its standard error and 95% interval;
+* the top-k and bottom-k eigenvalues by thick-restart Lanczos, each certified by its residual
+  :math:`\|Cv - \theta v\|` (an eigenvalue lies within it, Bauer-Fike), with the residual history;
+* the spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019);
+* per layer (diagonal block :math:`C_{bb}`): trace from the same probes, trace per parameter
+  (HAWQ-V2's sensitivity) and top eigenvalue (HAWQ-V1's);
+* optionally the 1-D and 2-D loss landscapes along the top eigenvectors and random directions.
+
+The result is a frozen :class:`HessianAnalysis` that serializes to JSON and loads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from secondorder.analysis.landscape import Landscape1D, Landscape2D, landscape_1d, landscape_2d, random_directions
+from secondorder.linalg import block_eigenvalues, eigenvalues, spectral_density, trace
+from secondorder.linalg.results import EigenResult, SpectralDensityResult
+from secondorder.operators.curvature import CurvatureOperator, GGNOperator, HessianOperator
+
+__all__ = ["Eigenvalues", "HessianAnalysis", "LayerStats", "TraceStats", "analyze"]
+
+
+@dataclass(frozen=True)
+class TraceStats:
+    """Hutch++ trace with its standard error and Student-t 95% interval."""
+
+    value: float
+    stderr: float
+    ci95: tuple[float, float]
+    method: str
+    num_matvecs: int
+
+
+@dataclass(frozen=True)
+class Eigenvalues:
+    """Extreme eigenvalues with their residuals, convergence flags and the residual history."""
+
+    which: str
+    values: tuple[float, ...]
+    residuals: tuple[float, ...]
+    converged: tuple[bool, ...]
+    num_matvecs: int
+    residual_history: tuple[tuple[float, ...], ...]
+
+    @classmethod
+    def of(cls, result: EigenResult) -> "Eigenvalues":
+        return cls(result.which, tuple(result.eigenvalues.tolist()), tuple(result.residuals.tolist()),
+                   tuple(bool(c) for c in result.converged), result.num_matvecs,
+                   tuple(tuple(h) for h in result.residual_history))
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer (diagonal block): trace +- stderr, trace per parameter, top eigenvalue and its residual."""
+
+    name: str
+    size: int
+    trace: float
+    trace_stderr: float
+    trace_per_parameter: float
+    top_eigenvalue: float
+    top_residual: float
+    top_converged: bool
+
+
+@dataclass(frozen=True)
+class Density:
+    """SLQ nodes and weights ``[num_probes][num_steps]`` of a ``dimension``-sized operator."""
+
+    nodes: tuple[tuple[float, ...], ...]
+    weights: tuple[tuple[float, ...], ...]
+    dimension: int
+    num_matvecs: int
+
+    def result(self) -> SpectralDensityResult:
+        """As the linear-algebra result (for ``plot``, ``density``, ``moments``)."""
+        return SpectralDensityResult(torch.tensor(self.nodes, dtype=torch.float64),
+                                     torch.tensor(self.weights, dtype=torch.float64), self.dimension,
+                                     self.num_matvecs)
+
+
+@dataclass(frozen=True)
+class HessianAnalysis:
+    """Everything :func:`analyze` measured; ``to_json`` / ``from_json`` round-trip exactly."""
+
+    curvature: str
+    num_parameters: int
+    num_samples: int
+    loss: float
+    gradient_norm: float
+    trace: TraceStats
+    top: Eigenvalues
+    bottom: Eigenvalues | None
+    density: Density
+    layers: tuple[LayerStats, ...]
+    landscape_1d: Landscape1D | None
+    landscape_2d: Landscape2D | None
+    seed: int
+    seconds: float
+    num_matvecs: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HessianAnalysis":
+        return _build(cls, d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HessianAnalysis":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HessianAnalysis":
+        return cls.from_json(Path(path).read_text())
+
+
+def _build(cls: type, value: Any) -> Any:
+    """Rebuild a (nested) frozen dataclass from ``asdict`` output: lists back to tuples."""
+    import typing
+
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: _build(hints[f.name], value[f.name]) for f in dataclasses.fields(cls)})
+    args = [a for a in typing.get_args(cls) if a is not type(None)]
+    if args and dataclasses.is_dataclass(args[0]) and typing.get_origin(cls) is not tuple:  # X | None
+        return _build(args[0], value)
+    if isinstance(value, list):
+        inner = args[0] if typing.get_origin(cls) is tuple and args else None
+        return tuple(_build(inner, v) if inner is not None and dataclasses.is_dataclass(inner) else _tuples(v)
+                     for v in value)
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _layer_stats(op: CurvatureOperator, tr, per_block: dict[str, EigenResult]) -> tuple[LayerStats, ...]:
+    out = []
+    for b in tr.blocks:
+        e = per_block[b.name]
+        out.append(LayerStats(b.name, b.size, b.value, b.stderr, b.per_parameter, float(e.eigenvalues[0]),
+                              float(e.residuals[0]), bool(e.converged[0])))
+    return tuple(out)
+
+
+def analyze(
+    model: torch.nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    params: Any = None,
+    curvature: str = "hessian",
+    top_k: int = 5,
+    bottom_k: int = 1,
+    trace_matvecs: int = 90,
+    slq_probes: int = 8,
+    slq_steps: int = 80,
+    landscape: bool = True,
+    landscape_radius: float = 1.0,
+    landscape_points: int = 41,
+    landscape_grid: int = 21,
+    max_matvecs: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    **operator_kwargs: Any,
+) -> HessianAnalysis:
+    """The Hessian report of ``model`` under ``loss_fn`` on ``data`` (see the module docstring).
+
+    ``data`` and ``params`` are as for :class:`~secondorder.HessianOperator` (one batch or a
+    re-iterable of batches; names, prefixes or a filter); ``operator_kwargs`` go to the operator
+    (``closure=True``, ``chunk_size``, ``blocks="parameter"``, ...). ``curvature`` is
+    ``"hessian"`` or ``"ggn"``. ``max_matvecs`` caps each Lanczos run (bottom eigenvalues of a
+    network converge slowly; unconverged ones are flagged, not hidden). ``landscape=False``
+    skips the loss surfaces. Every random choice comes from ``seed``; the model is left as it was.
+    """
+    if curvature not in ("hessian", "ggn"):
+        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    for name, value in (("top_k", top_k), ("trace_matvecs", trace_matvecs), ("slq_probes", slq_probes),
+                        ("slq_steps", slq_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(bottom_k, int) or bottom_k < 0:
+        raise ValueError(f"bottom_k must be a non-negative integer, got {bottom_k!r}")
+    start = time.perf_counter()
+    op = (HessianOperator if curvature == "hessian" else GGNOperator)(model, loss_fn, data, params, seed=seed,
+                                                                        **operator_kwargs)
+    P = op.shape[0]
+    if top_k >= P or bottom_k >= P:
+        raise ValueError(f"top_k and bottom_k must be below the number of parameters ({P})")
+    eig_kwargs = dict(max_matvecs=max_matvecs, progress=progress)
+    loss, grad = op.loss_and_gradient()
+    tr = trace(op, trace_matvecs, seed=seed, progress=progress)
+    top = eigenvalues(op, top_k, "largest", seed=seed, **eig_kwargs)
+    bottom = eigenvalues(op, bottom_k, "smallest", seed=seed + 1, **eig_kwargs) if bottom_k else None
+    density = spectral_density(op, slq_probes, min(slq_steps, P), seed=seed, progress=progress)
+    per_block = block_eigenvalues(op, 1, seed=seed, max_matvecs=max_matvecs)
+    low, high = tr.confidence_interval(0.95)
+    land1 = land2 = None
+    if landscape:
+        v = top.eigenvectors
+        random = random_directions(2, P, seed, op.dtype, op.device)
+        land1 = landscape_1d(op, torch.stack([v[:, 0], random[:, 0]], 1), ("top eigenvector", "random"),
+                             landscape_radius, landscape_points, progress)
+        if top_k >= 2:
+            land2 = landscape_2d(op, v[:, 0], v[:, 1], ("eigenvector 1", "eigenvector 2"), landscape_radius,
+                                 landscape_grid, progress)
+        else:
+            land2 = landscape_2d(op, v[:, 0], random[:, 1], ("eigenvector 1", "random"), landscape_radius,
+                                 landscape_grid, progress)
+    num_samples = _count_samples(op)
+    return HessianAnalysis(
+        curvature=curvature, num_parameters=P, num_samples=num_samples, loss=loss,
+        gradient_norm=float(grad.norm()),
+        trace=TraceStats(tr.value, tr.stderr, (low, high), tr.method, tr.num_matvecs),
+        top=Eigenvalues.of(top), bottom=Eigenvalues.of(bottom) if bottom is not None else None,
+        density=Density(tuple(map(tuple, density.nodes.tolist())), tuple(map(tuple, density.weights.tolist())),
+                        density.dimension, density.num_matvecs),
+        layers=_layer_stats(op, tr, per_block), landscape_1d=land1, landscape_2d=land2, seed=seed,
+        seconds=time.perf_counter() - start, num_matvecs=op.num_matvecs,
+    )
+
+
+def _count_samples(op: CurvatureOperator) -> int:
+    from secondorder.operators.data import batch_size
+
+    return sum(batch_size(b, op.batch_size_fn) for b in op.data)
+

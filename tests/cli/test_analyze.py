@@ -1,0 +1,158 @@
+"""`secondorder analyze`: the user's model through factories, the default model, the report, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from secondorder.analysis import HessianAnalysis, analyze
+from secondorder.cli import main
+
+FAST = ["--top-k", "2", "--probes", "9", "--slq-probes", "1", "--slq-steps", "8", "--quiet"]
+
+NETS = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    def make_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def make_other():
+        return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def batches():
+        g = torch.Generator().manual_seed(1)
+        X, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
+        return [(X[:25], y[:25]), (X[25:], y[25:])]
+
+    def wrong_shape():
+        return [(torch.randn(8, 7), torch.zeros(8, dtype=torch.long))]
+
+    def nan_batches():
+        return [(torch.full((8, 4), float("nan")), torch.zeros(8, dtype=torch.long))]
+
+    def broken():
+        raise RuntimeError("no data here")
+''')
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A directory with a module ``clinets`` of factories and two checkpoints, as the cwd."""
+    (tmp_path / "clinets.py").write_text(NETS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("clinets", None)
+    import clinets
+
+    net = clinets.make_net()
+    torch.save(net.state_dict(), tmp_path / "first.pt")
+    with torch.no_grad():
+        net[0].weight.mul_(1.5)
+    torch.save(net.state_dict(), tmp_path / "last.pt")
+    torch.save(clinets.make_other().state_dict(), tmp_path / "other.pt")
+    yield tmp_path, clinets
+    sys.modules.pop("clinets", None)
+
+
+def own(*extra: str) -> list[str]:
+    return ["analyze", "--model", "clinets:make_net", "--data", "clinets:batches", *FAST, *extra]
+
+
+def test_report_numbers_equal_the_api(project, capsys):
+    root, clinets = project
+    assert main(own("--checkpoint", "last.pt", "--json", "--out", "rep")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((root / "rep" / "summary.json").read_text())
+    assert printed == saved
+    model = clinets.make_net()
+    model.load_state_dict(torch.load(root / "last.pt"))
+    api = analyze(model, F.cross_entropy, clinets.batches(), top_k=2, trace_matvecs=9, slq_probes=1, slq_steps=8,
+                  max_matvecs=300, seed=0)
+    got = HessianAnalysis.from_dict(saved["analysis"])
+    assert got.top.values == api.top.values and got.trace == api.trace and got.layers == api.layers
+    assert got.loss == api.loss and got.landscape_1d == api.landscape_1d
+    for name in ("report.html", "report.md", "density.png", "layers.png", "landscape_1d.png", "landscape_2d.png",
+                 "convergence.png"):
+        assert (root / "rep" / name).stat().st_size > 500, name
+    html = (root / "rep" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 5 and "http" not in html and "<script" not in html
+
+
+def test_several_checkpoints_give_the_evolution(project, capsys):
+    root, _ = project
+    assert main(own("--checkpoint", "first.pt", "--checkpoint", "last.pt", "--no-landscape", "--out", "rep")) == 0
+    saved = json.loads((root / "rep" / "summary.json").read_text())
+    assert [p["step"] for p in saved["evolution"]] == [0, 1]
+    assert saved["analysis"]["landscape_1d"] is None
+    assert (root / "rep" / "evolution.png").exists()
+    assert "Top eigenvalues" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope_module:make", "--data", "clinets:batches"], "cannot import 'nope_module'"),
+    (["--model", "clinets", "--data", "clinets:batches"], "must look like MODULE:NAME"),
+    (["--model", "clinets:missing", "--data", "clinets:batches"], "has no attribute 'missing'"),
+    (["--model", "clinets:make_net"], "--model and --data go together"),
+    (["--model", "clinets:make_net", "--data", "clinets:broken"], "no data here"),
+    (["--model", "clinets:make_net", "--data", "clinets:batches", "--checkpoint", "other.pt"], "does not match"),
+    (["--model", "clinets:make_net", "--data", "clinets:batches", "--checkpoint", "absent.pt"], "cannot read"),
+    (["--model", "clinets:make_net", "--data", "clinets:wrong_shape"], "rejected the first batch"),
+    (["--model", "clinets:make_net", "--data", "clinets:nan_batches"], "nan"),
+    (["--model", "clinets:make_net", "--data", "clinets:batches", "--loss", "x:y"], "cannot import 'x'"),
+    (["--model", "clinets:make_net", "--data", "clinets:batches", "--top-k", "0"], "top_k"),
+    (["--checkpoint", "first.pt"], "--model and --data go together"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(project, capsys, args, message):
+    root, _ = project
+    before = sorted(p.name for p in root.iterdir())
+    assert main(["analyze", *args, "--quiet", "--out", "rep"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("secondorder: error:") and len(err.splitlines()) == 1 and message in err, err
+    assert sorted(p.name for p in root.iterdir()) == before  # no rep/, no temporary directory left
+
+
+def test_default_model_and_global_rng(tmp_path, capsys):
+    state = torch.get_rng_state()
+    out = tmp_path / "default"
+    assert main(["analyze", "--epochs", "1", "--bottom-k", "0", "--no-landscape", *FAST, "--out", str(out)]) == 0
+    assert torch.equal(torch.get_rng_state(), state)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["analysis"]["num_parameters"] == 3018 and saved["analysis"]["num_samples"] == 4000
+    assert [p["step"] for p in saved["evolution"]] == [0, 32]
+    assert "test accuracy" in saved["context"]
+    assert "report:" in capsys.readouterr().out
+
+
+def test_help_teaches():
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", "--help"])
+    assert exit_.value.code == 0
+    assert main([]) == 2
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(project):
+    root, _ = project
+    assert main(own("--out", "rep")) == 0
+    shot = root / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,2400", (root / "rep" / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    image = Image.open(shot).convert("L")
+    assert image.size == (1200, 2400)
+    colours = image.getcolors(maxcolors=1 << 16)
+    assert colours is not None and len(colours) > 50  # text, tables and plots, not a blank page
