@@ -1,0 +1,48 @@
+"""The ``secondorder`` command line: ``analyze`` (the Hessian report) and ``quantize`` (HAWQ).
+
+Each subcommand module registers itself with ``add_parser(sub)`` and returns ``(summary dict,
+table text)`` from ``run(args)``; bad input is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from secondorder.cli import analyze, quantize
+from secondorder.cli.common import UsageError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secondorder", description="Second-order analysis of PyTorch models.",
+        epilog="run 'secondorder COMMAND --help' for a command's options and examples",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    analyze.add_parser(sub)
+    quantize.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``secondorder`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        summary, table = args.run(args)
+    except (UsageError, ValueError, TypeError, OSError, FloatingPointError) as err:
+        print(f"secondorder: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+              file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(table)
+    return 0
+

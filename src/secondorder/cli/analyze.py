@@ -1,0 +1,121 @@
+"""``secondorder analyze``: the Hessian report of a network.
+
+With no arguments it trains the embedded default (a small 1-D CNN on MNIST-1D, generated
+offline by the ``mnist1d`` package, 20 epochs of SGD, recording the Hessian's evolution on the
+way) and analyzes it. With ``--model`` and ``--data`` it analyzes your own network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from secondorder.analysis import HessianTracker, analyze, hessian_evolution, summary_table, write_report
+from secondorder.cli.common import (
+    FACTORIES_HELP,
+    UsageError,
+    add_model_options,
+    add_output_options,
+    device_of,
+    own_problem,
+    parameter_names,
+    wants_own_model,
+)
+from secondorder.environment import describe
+
+EPILOG = """\
+examples:
+  secondorder analyze                                   train the MNIST-1D default, write ./secondorder-out/
+  secondorder analyze --model mypkg.nets:make_net --checkpoint net.pt \\
+                      --data mypkg.data:val_batches --loss cross_entropy --out report/
+  secondorder analyze --checkpoint ep1.pt --checkpoint ep10.pt ...   evolution over checkpoints
+  secondorder analyze --params conv1,fc --curvature ggn --json       some layers, Gauss-Newton, JSON on stdout
+
+what the report holds (report.html, self-contained; report.md; summary.json; PNGs):
+  trace        Hutch++ estimate of tr(H) with its standard error and 95% interval
+  eigenvalues  top-k / bottom-k by thick-restart Lanczos; the residual ||Hv - theta v|| bounds each error
+  density      spectral density by stochastic Lanczos quadrature (log scale)
+  per layer    trace, trace per parameter (HAWQ-V2) and top eigenvalue (HAWQ-V1) of each layer's block
+  landscape    loss along the top eigenvector vs a random unit direction (1-D), and on the plane of
+               the top two eigenvectors (2-D), as in Yao et al. (NeurIPS 2018)
+  evolution    top eigenvalue and trace over training (default model, or several --checkpoint)
+"""
+
+EVOLUTION_EPOCHS = (0, 1, 2, 5, 10, 20)
+
+
+def add_parser(sub) -> None:
+    """Register ``analyze`` on the subcommand parsers."""
+    a = sub.add_parser("analyze", help="Hessian report of a trained network (default: MNIST-1D CNN)",
+                       description=__doc__.split("\n\n")[1], epilog=EPILOG + FACTORIES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(a)
+    est = a.add_argument_group("estimators")
+    est.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian", help="(default: hessian)")
+    est.add_argument("--top-k", type=int, default=5, help="top eigenvalues (default: 5)")
+    est.add_argument("--bottom-k", type=int, default=1, help="bottom eigenvalues, 0 for none (default: 1)")
+    est.add_argument("--probes", type=int, default=90, help="Hutch++ products for the trace (default: 90)")
+    est.add_argument("--slq-probes", type=int, default=4, help="spectral-density probes (default: 4)")
+    est.add_argument("--slq-steps", type=int, default=64, help="Lanczos steps per density probe (default: 64)")
+    est.add_argument("--max-matvecs", type=int, default=300, help="cap per Lanczos run (default: 300)")
+    est.add_argument("--landscape-radius", type=float, default=1.0, help="alpha range of landscapes (default: 1)")
+    est.add_argument("--no-landscape", action="store_true", help="skip the loss landscapes")
+    est.add_argument("--epochs", type=int, default=20, help="training epochs of the default model (default: 20)")
+    est.add_argument("--seed", type=int, default=0, help="seed of training (default model) and probes (default: 0)")
+    add_output_options(a, "secondorder-out")
+    a.set_defaults(run=run)
+
+
+def _own_model(args: argparse.Namespace, device: torch.device):
+    model, loss_fn, data, states, context = own_problem(args, device)
+    evolution = None
+    if len(states) > 1:
+        evolution = hessian_evolution(model, list(enumerate(states)), loss_fn, data, progress=not args.quiet,
+                                      seed=args.seed, params=parameter_names(args))
+    return model, loss_fn, data, context, evolution
+
+
+def _default_model(args: argparse.Namespace, device: torch.device):
+    from secondorder.datasets import train_mnist1d
+
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    from secondorder.datasets import load_mnist1d
+
+    xtr, ytr, xte, yte = load_mnist1d()
+    analysis_data = [(xtr[i : i + 1000].to(device), ytr[i : i + 1000].to(device)) for i in range(0, len(xtr), 1000)]
+    tracker = HessianTracker(F.cross_entropy, analysis_data[0], seed=args.seed)
+    steps_per_epoch = -(-len(xtr) // 128)
+    epochs = {e for e in EVOLUTION_EPOCHS if e <= args.epochs} | {args.epochs}
+
+    def callback(step: int, model: torch.nn.Module) -> None:
+        if step // steps_per_epoch in epochs:
+            tracker(step, model)
+
+    trained = train_mnist1d(args.seed, args.epochs, data=(xtr, ytr, xte, yte), callback=callback,
+                            progress=not args.quiet)
+    context = {"model": "default: " + trained.recipe,
+               "test accuracy": f"{100 * trained.test_accuracy:.1f}%",
+               "analysis data": f"the {len(xtr)} training samples (batches of 1000); evolution on the first 1000"}
+    return trained.model.to(device), F.cross_entropy, analysis_data, context, tuple(tracker.points)
+
+
+def run(args: argparse.Namespace) -> tuple[dict, str]:
+    device = device_of(args)
+    start = time.perf_counter()
+    model, loss_fn, data, context, evolution = (_own_model if wants_own_model(args) else _default_model)(args, device)
+    analysis = analyze(model, loss_fn, data, params=parameter_names(args), curvature=args.curvature, top_k=args.top_k,
+                       bottom_k=args.bottom_k, trace_matvecs=args.probes, slq_probes=args.slq_probes,
+                       slq_steps=args.slq_steps, landscape=not args.no_landscape,
+                       landscape_radius=args.landscape_radius, max_matvecs=args.max_matvecs, seed=args.seed,
+                       progress=not args.quiet)
+    context.update({"curvature": args.curvature, "seed": args.seed, "machine": describe(device),
+                    "total seconds": f"{time.perf_counter() - start:.1f}"})
+    write_report(analysis, args.out, title="secondorder analyze: Hessian report", context=context,
+                 evolution=evolution)
+    table = summary_table(analysis) + f"\nreport: {args.out / 'report.html'} (also report.md, summary.json and PNGs)"
+    return json.loads((args.out / "summary.json").read_text()), table
