@@ -73,6 +73,11 @@ def add_parser(sub) -> None:
     b.add_argument("--bops", type=float, metavar="A", help="BOPs budget as a fraction A in [0, 1] (HAWQ-V3)")
     b.add_argument("--pin", action="append", default=[], metavar="LAYER=BITS", help="fix a layer's bits")
     b.add_argument("--tie", action="append", default=[], metavar="A,B,...", help="layers sharing one bit width")
+    b.add_argument("--sensitivity", choices=["v2", "v1"], default="v2",
+                   help="Omega from the trace (HAWQ-V2, default) or the top eigenvalue (HAWQ-V1: lambda * ||dW||^2)")
+    b.add_argument("--granularity", choices=["channel", "tensor", "group"], default="channel",
+                   help="weight scales per output channel (default), per tensor, or per group of rows (Q-BERT)")
+    b.add_argument("--group-size", type=int, help="rows per group with --granularity group")
     t = q.add_argument_group("estimation and fine-tuning")
     t.add_argument("--probes", type=int, default=90, help="Hutch++ products for the traces (default: 90)")
     t.add_argument("--finetune-epochs", type=int, default=0, help="quantization-aware epochs (default: 0)")
@@ -141,8 +146,12 @@ def evaluate(model, loss_fn, data, device) -> dict:
     return {"loss": total / count, "accuracy": correct / count if classify else None}
 
 
+def _omega(args, sens) -> dict[str, dict[int, float]]:
+    return sens.hawq_v2() if args.sensitivity == "v2" else sens.eigenvalue_weighted()
+
+
 def _allocate(args, sens, macs):
-    omega, sizes = sens.hawq_v2(), sens.sizes()
+    omega, sizes = _omega(args, sens), sens.sizes()
     total = sum(sizes.values())
     if args.budget_mb is not None:
         budget = args.budget_mb * 8e6
@@ -159,7 +168,7 @@ def _allocate(args, sens, macs):
                               pinned=pins, tied=ties), budget, bops)
 
 
-def _plots(tmp, sens, allocation, frontier, sizes) -> None:
+def _plots(tmp, omega, sens, allocation, frontier) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -168,14 +177,13 @@ def _plots(tmp, sens, allocation, frontier, sizes) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4))
     ax.step([a.average_bits for a in frontier], [a.sensitivity for a in frontier], where="post",
             label="Pareto frontier (min ΣΩ)")
-    omega = sens.hawq_v2()
     for b in next(iter(omega.values())):
         if all(b in o for o in omega.values()):
             ax.plot([b], [sum(o[b] for o in omega.values())], "s", label=f"uniform {b}-bit")
     ax.plot([allocation.average_bits], [allocation.sensitivity], "r*", ms=14, label="chosen")
     ax.set_yscale("symlog", linthresh=1e-12)
     ax.set_xlabel("average bits per weight")
-    ax.set_ylabel("ΣΩ (HAWQ-V2)")
+    ax.set_ylabel("ΣΩ")
     ax.legend(fontsize=8)
     fig.savefig(tmp / "pareto.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -192,7 +200,7 @@ def _plots(tmp, sens, allocation, frontier, sizes) -> None:
 
 
 def _markdown(summary: dict) -> str:
-    lines = ["# secondorder quantize: Hessian-aware mixed precision (HAWQ-V2/V3)", ""]
+    lines = ["# secondorder quantize: Hessian-aware mixed precision (HAWQ)", ""]
     lines += [f"- **{k}**: {v}" for k, v in summary["context"].items()] + [""]
     lines += ["| layer | weights | Tr/n ± stderr | top eigenvalue | bits |", "|---|---:|---:|---:|---:|"]
     for layer in summary["layers"]:
@@ -217,24 +225,26 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     if not quantizable_layers(model):
         raise UsageError("the model has no quantizable layers (modules holding a weight of 2 or more dimensions)")
     sens = layer_sensitivities(model, loss_fn, data, bits=bits, trace_matvecs=args.probes, seed=args.seed,
-                               progress=not args.quiet)
+                               granularity=args.granularity, group_size=args.group_size, progress=not args.quiet)
+    omega = _omega(args, sens)
     first = next(iter(as_batches(data)))
     macs = layer_macs(model, to_device(first[0], device))
     allocation, budget, bops_budget = _allocate(args, sens, macs)
     results = {"full precision": evaluate(model, loss_fn, eval_data, device)}
-    qmodel = quantize(model, allocation.bits)
+    qmodel = quantize(model, allocation.bits, granularity=args.granularity, group_size=args.group_size)
     results["quantized (PTQ)"] = evaluate(qmodel, loss_fn, eval_data, device)
     if args.finetune_epochs:
         finetune(qmodel, loss_fn, fine_data, epochs=args.finetune_epochs, lr=args.lr)
         results[f"quantized + {args.finetune_epochs} QAT epochs"] = evaluate(qmodel, loss_fn, eval_data, device)
-    frontier = pareto_frontier(sens.hawq_v2(), sens.sizes(), pinned=_pins(args.pin))
-    context.update({"candidate bits": list(bits), "size budget (bits)": math.floor(budget),
+    frontier = pareto_frontier(omega, sens.sizes(), pinned=_pins(args.pin))
+    context.update({"sensitivity": f"HAWQ-{args.sensitivity.upper()}", "granularity": args.granularity,
+                    "candidate bits": list(bits), "size budget (bits)": math.floor(budget),
                     "BOPs budget": bops_budget, "machine": describe(device)})
     summary = {
         "context": context,
         "layers": [{"name": x.name, "size": x.size, "trace_per_weight": x.trace / x.size,
                     "trace_stderr_per_weight": x.trace_stderr / x.size, "top_eigenvalue": x.top_eigenvalue,
-                    "macs": macs[x.name], "omega": {str(b): v for b, v in sens.hawq_v2()[x.name].items()},
+                    "macs": macs[x.name], "omega": {str(b): v for b, v in omega[x.name].items()},
                     "bits": allocation.bits[x.name]} for x in sens.layers],
         "allocation": {"bits": allocation.bits, "sensitivity": allocation.sensitivity,
                        "size_bits": allocation.size_bits, "average_bits": allocation.average_bits,
@@ -243,7 +253,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         "frontier": [{"size_bits": a.size_bits, "sensitivity": a.sensitivity, "bits": a.bits} for a in frontier],
     }
     with atomic_directory(args.out) as tmp:
-        _plots(tmp, sens, allocation, frontier, sens.sizes())
+        _plots(tmp, omega, sens, allocation, frontier)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         (tmp / "report.md").write_text(_markdown(summary))
     table = _markdown(summary).split("\n![")[0] + f"\nreport: {args.out / 'report.md'} (also summary.json, PNGs)"
