@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     qmodel = quantize(model, allocation.bits, granularity=args.granularity, group_size=args.group_size)
     results["quantized (PTQ)"] = evaluate(qmodel, loss_fn, eval_data, device)
     if args.finetune_epochs:
-        finetune(qmodel, loss_fn, fine_data, epochs=args.finetune_epochs, lr=args.lr)
+        finetune(qmodel, loss_fn, fine_data, epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet)
         results[f"quantized + {args.finetune_epochs} QAT epochs"] = evaluate(qmodel, loss_fn, eval_data, device)
     frontier = pareto_frontier(omega, sens.sizes(), pinned=_pins(args.pin))
     context.update({"sensitivity": f"HAWQ-{args.sensitivity.upper()}", "granularity": args.granularity,

@@ -34,8 +34,10 @@ def _quantized(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 
 def _train(model: nn.Module, loss_fn: Callable, batches: list, epochs: int, optimizer: torch.optim.Optimizer,
-           losses: list[float]) -> None:
-    for _ in range(epochs):
+           losses: list[float], progress: bool, desc: str) -> None:
+    from tqdm import tqdm
+
+    for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress, leave=False):
         for inputs, targets in batches:
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(call_model(model, inputs), targets)
@@ -57,6 +59,7 @@ def finetune(
     order: Sequence[str] | None = None,
     freeze_quantized: bool = False,
     make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
+    progress: bool = False,
 ) -> list[float]:
     """Quantization-aware training of a model returned by :func:`quantize`, in place; returns the losses.
 
@@ -66,7 +69,7 @@ def finetune(
     bits): all layers start at full precision and stage k quantizes ``order[k]`` and trains
     ``epochs`` passes; with ``freeze_quantized`` the layers quantized in earlier stages stop
     training. SGD with momentum unless ``make_optimizer(params)`` gives another. The model's
-    mode is restored afterwards.
+    mode is restored afterwards; ``progress`` shows a bar per stage.
     """
     layers = _quantized(qmodel)
     if not layers:
@@ -80,7 +83,8 @@ def finetune(
     try:
         if order is None:
             _train(qmodel, loss_fn, batches, epochs, make_optimizer([p for p in qmodel.parameters()
-                                                                     if p.requires_grad]), losses)
+                                                                     if p.requires_grad]), losses,
+                   progress, "fine-tuning")
             return losses
         unknown = [n for n in order if n not in layers]
         if unknown:
@@ -93,7 +97,8 @@ def finetune(
             for n in order:
                 layers[n].weight_bits = target[n]
                 params = [p for p in qmodel.parameters() if p.requires_grad]
-                _train(qmodel, loss_fn, batches, epochs, make_optimizer(params), losses)
+                _train(qmodel, loss_fn, batches, epochs, make_optimizer(params), losses, progress,
+                       f"fine-tuning (stage {n})")
                 if freeze_quantized:
                     for p in layers[n].parameters():
                         if p.requires_grad:
