@@ -11,7 +11,7 @@ from torch import nn
 
 from secondorder.quant.qat import finetune, quantize
 from secondorder.quant.quantizers import QuantizedLayer, quantization_error
-from secondorder.quant.sensitivity import layer_sensitivities, qbert_sensitivities
+from secondorder.quant.sensitivity import hawq_v1, hawq_v2, layer_sensitivities, qbert
 from tests.operators.references import dense_hessian
 
 
@@ -43,11 +43,13 @@ def test_layer_sensitivities_match_exact_weight_blocks():
         assert v2[x.name][4] == pytest.approx(x.trace / x.size * x.errors[4])
         assert v1[x.name] == pytest.approx(x.top_eigenvalue / x.size)
         assert eig[x.name][2] == pytest.approx(x.top_eigenvalue * x.errors[2]) and raw[x.name] == x.errors
+    assert hawq_v2(model, F.cross_entropy, data, bits=(2, 4, 8), trace_matvecs=60, seed=0) == v2
+    assert hawq_v1(model, F.cross_entropy, data, trace_matvecs=60, seed=0) == v1
 
 
 def test_qbert_mean_and_std_over_batches():
     model, data = problem(1)
-    got = qbert_sensitivities(model, F.cross_entropy, data, seed=0)
+    got = qbert(model, F.cross_entropy, data, seed=0)
     for name, sl in (("0", slice(0, 24)), ("2", slice(24, 42))):
         tops = [float(torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, [b], ["0.weight", "2.weight"])
                                             [sl, sl])[-1]) for b in data]
@@ -55,7 +57,7 @@ def test_qbert_mean_and_std_over_batches():
         assert got[name][0] == pytest.approx(mean, rel=1e-6) and got[name][1] == pytest.approx(std, rel=1e-5, abs=1e-9)
         assert got[name][2] == pytest.approx(abs(mean) + std, rel=1e-5)
     with pytest.raises(ValueError, match="at least 2 batches"):
-        qbert_sensitivities(model, F.cross_entropy, data[0])
+        qbert(model, F.cross_entropy, data[0])
 
 
 def test_bad_input_says_what_is_feasible():

@@ -32,7 +32,14 @@ from secondorder.quant.quantizers import (
     quantize_weight,
     wrap_layers,
 )
-from secondorder.quant.sensitivity import LayerSensitivity, Sensitivities, layer_sensitivities, qbert_sensitivities
+from secondorder.quant.sensitivity import (
+    LayerSensitivity,
+    Sensitivities,
+    hawq_v1,
+    hawq_v2,
+    layer_sensitivities,
+    qbert,
+)
 
 __all__ = [
     "ActivationQuantizer",
@@ -46,11 +53,13 @@ __all__ = [
     "enumerate_configurations",
     "fake_quantize",
     "finetune",
+    "hawq_v1",
+    "hawq_v2",
     "interpolated_budget",
     "layer_macs",
     "layer_sensitivities",
     "pareto_frontier",
-    "qbert_sensitivities",
+    "qbert",
     "quantizable_layers",
     "quantization_error",
     "quantize",

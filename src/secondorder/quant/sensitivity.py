@@ -31,7 +31,7 @@ from secondorder.operators.curvature import HessianOperator
 from secondorder.operators.data import as_batches
 from secondorder.quant.quantizers import quantizable_layers, quantization_error
 
-__all__ = ["LayerSensitivity", "Sensitivities", "layer_sensitivities", "qbert_sensitivities"]
+__all__ = ["LayerSensitivity", "Sensitivities", "hawq_v1", "hawq_v2", "layer_sensitivities", "qbert"]
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def layer_sensitivities(
     return Sensitivities(tuple(out), op.num_matvecs)
 
 
-def qbert_sensitivities(
+def qbert(
     model: nn.Module, loss_fn: Callable, data: Any, *, layers: Sequence[str] | None = None, seed: int = 0,
     **operator_kwargs: Any,
 ) -> dict[str, tuple[float, float, float]]:
@@ -156,3 +156,13 @@ def qbert_sensitivities(
     return {n: (statistics.fmean(v), statistics.stdev(v), abs(statistics.fmean(v)) + statistics.stdev(v))
             for n, v in per_batch.items()}
 
+
+
+def hawq_v1(model: nn.Module, loss_fn: Callable, data: Any, **kwargs: Any) -> dict[str, float]:
+    """HAWQ-V1's per-layer ``lambda_max(H_i) / n_i`` (``kwargs`` as for :func:`layer_sensitivities`)."""
+    return layer_sensitivities(model, loss_fn, data, **kwargs).hawq_v1()
+
+
+def hawq_v2(model: nn.Module, loss_fn: Callable, data: Any, **kwargs: Any) -> dict[str, dict[int, float]]:
+    """HAWQ-V2's ``Omega_i(b)`` for every layer and candidate bit width (``kwargs`` as for :func:`layer_sensitivities`)."""
+    return layer_sensitivities(model, loss_fn, data, **kwargs).hawq_v2()
