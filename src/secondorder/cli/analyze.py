@@ -18,6 +18,7 @@ from secondorder.analysis import HessianTracker, analyze, hessian_evolution, sum
 from secondorder.cli.common import (
     FACTORIES_HELP,
     UsageError,
+    add_default_model_options,
     add_model_options,
     add_output_options,
     device_of,
@@ -64,8 +65,7 @@ def add_parser(sub) -> None:
     est.add_argument("--max-matvecs", type=int, default=300, help="cap per Lanczos run (default: 300)")
     est.add_argument("--landscape-radius", type=float, default=1.0, help="alpha range of landscapes (default: 1)")
     est.add_argument("--no-landscape", action="store_true", help="skip the loss landscapes")
-    est.add_argument("--epochs", type=int, default=20, help="training epochs of the default model (default: 20)")
-    est.add_argument("--seed", type=int, default=0, help="seed of training (default model) and probes (default: 0)")
+    add_default_model_options(est)
     add_output_options(a, "secondorder-out")
     a.set_defaults(run=run)
 

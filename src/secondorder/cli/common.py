@@ -117,6 +117,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     own.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
 
 
+def add_default_model_options(group) -> None:
+    """--epochs (of the default model) and --seed, in the caller's argument group."""
+    group.add_argument("--epochs", type=int, default=20, help="training epochs of the default model (default: 20)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of training (default model) and probes (default: 0)")
+
+
 def add_output_options(parser: argparse.ArgumentParser, default_out: str) -> None:
     """--out, --json, --quiet."""
     out = parser.add_argument_group("output")

@@ -21,6 +21,7 @@ from secondorder.analysis.report import atomic_directory
 from secondorder.cli.common import (
     FACTORIES_HELP,
     UsageError,
+    add_default_model_options,
     add_model_options,
     add_output_options,
     device_of,
@@ -82,8 +83,7 @@ def add_parser(sub) -> None:
     t.add_argument("--probes", type=int, default=90, help="Hutch++ products for the traces (default: 90)")
     t.add_argument("--finetune-epochs", type=int, default=0, help="quantization-aware epochs (default: 0)")
     t.add_argument("--lr", type=float, default=1e-2, help="fine-tuning learning rate (default: 0.01)")
-    t.add_argument("--epochs", type=int, default=20, help="training epochs of the default model (default: 20)")
-    t.add_argument("--seed", type=int, default=0, help="seed of training (default model) and probes (default: 0)")
+    add_default_model_options(t)
     add_output_options(q, "secondorder-quant")
     q.set_defaults(run=run)
 
