@@ -55,7 +55,6 @@ Writes experiments/results/hawq_repro.md and experiments/results/hawq_repro.png.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -79,6 +78,7 @@ from secondorder.quant import (  # noqa: E402
     enumerate_configurations,
     finetune,
     interpolated_budget,
+    layer_macs,
     layer_sensitivities,
     pareto_frontier,
     quantizable_layers,
@@ -142,25 +142,6 @@ def shuffled_batches(data, batch, seed):
     x, y = data
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1000 + seed))
     return [(x[order[i:i + batch]], y[order[i:i + batch]]) for i in range(0, len(x), batch)]
-
-
-def layer_macs(model, example):
-    """MACs per sample of every quantizable layer, from forward hooks on one input."""
-    macs, hooks = {}, []
-    for name, module in quantizable_layers(model):
-        def hook(mod, inp, out, name=name):
-            if isinstance(mod, nn.Linear):
-                macs[name] = out.numel() // out.shape[-1] * mod.in_features * mod.out_features
-            elif isinstance(mod, nn.modules.conv._ConvNd):
-                macs[name] = out.numel() * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-            else:
-                raise TypeError(f"no MAC rule for {type(mod).__name__}")
-        hooks.append(module.register_forward_hook(hook))
-    with torch.no_grad():
-        model(example[:1])
-    for h in hooks:
-        h.remove()
-    return macs
 
 
 @torch.no_grad()

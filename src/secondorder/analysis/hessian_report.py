@@ -30,7 +30,7 @@ import torch
 from secondorder.analysis.landscape import Landscape1D, Landscape2D, landscape_1d, landscape_2d, random_directions
 from secondorder.linalg import block_eigenvalues, eigenvalues, spectral_density, trace
 from secondorder.linalg.results import EigenResult, SpectralDensityResult
-from secondorder.operators.curvature import CurvatureOperator, GGNOperator, HessianOperator
+from secondorder.operators.curvature import GGNOperator, HessianOperator
 
 __all__ = ["Eigenvalues", "HessianAnalysis", "LayerStats", "TraceStats", "analyze"]
 
@@ -159,7 +159,7 @@ def _tuples(value: Any) -> Any:
     return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _layer_stats(op: CurvatureOperator, tr, per_block: dict[str, EigenResult]) -> tuple[LayerStats, ...]:
+def _layer_stats(tr, per_block: dict[str, EigenResult]) -> tuple[LayerStats, ...]:
     out = []
     for b in tr.blocks:
         e = per_block[b.name]
@@ -232,21 +232,14 @@ def analyze(
         else:
             land2 = landscape_2d(op, v[:, 0], random[:, 1], ("eigenvector 1", "random"), landscape_radius,
                                  landscape_grid, progress)
-    num_samples = _count_samples(op)
     return HessianAnalysis(
-        curvature=curvature, num_parameters=P, num_samples=num_samples, loss=loss,
+        curvature=curvature, num_parameters=P, num_samples=op.num_samples, loss=loss,
         gradient_norm=float(grad.norm()),
         trace=TraceStats(tr.value, tr.stderr, (low, high), tr.method, tr.num_matvecs),
         top=Eigenvalues.of(top), bottom=Eigenvalues.of(bottom) if bottom is not None else None,
         density=Density(tuple(map(tuple, density.nodes.tolist())), tuple(map(tuple, density.weights.tolist())),
                         density.dimension, density.num_matvecs),
-        layers=_layer_stats(op, tr, per_block), landscape_1d=land1, landscape_2d=land2, seed=seed,
+        layers=_layer_stats(tr, per_block), landscape_1d=land1, landscape_2d=land2, seed=seed,
         seconds=time.perf_counter() - start, num_matvecs=op.num_matvecs,
     )
-
-
-def _count_samples(op: CurvatureOperator) -> int:
-    from secondorder.operators.data import batch_size
-
-    return sum(batch_size(b, op.batch_size_fn) for b in op.data)
 

@@ -150,15 +150,13 @@ def _omega(args, sens) -> dict[str, dict[int, float]]:
     return sens.hawq_v2() if args.sensitivity == "v2" else sens.eigenvalue_weighted()
 
 
-def _allocate(args, sens, macs):
+def _allocate(args, sens, macs, pins, ties):
     omega, sizes = _omega(args, sens), sens.sizes()
     total = sum(sizes.values())
     if args.budget_mb is not None:
         budget = args.budget_mb * 8e6
     else:
         budget = (4.0 if args.budget_bits is None else args.budget_bits) * total
-    pins = _pins(args.pin)
-    ties = [tuple(x.strip() for x in t.split(",") if x.strip()) for t in args.tie]
     if args.bops is None:
         return allocate_bits(omega, sizes, math.floor(budget), pinned=pins, tied=ties), budget, None
     low_bits, high_bits = min(_bits(args.bits)), max(_bits(args.bits))
@@ -229,14 +227,16 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     omega = _omega(args, sens)
     first = next(iter(as_batches(data)))
     macs = layer_macs(model, to_device(first[0], device))
-    allocation, budget, bops_budget = _allocate(args, sens, macs)
+    pins = _pins(args.pin)
+    ties = [tuple(x.strip() for x in t.split(",") if x.strip()) for t in args.tie]
+    allocation, budget, bops_budget = _allocate(args, sens, macs, pins, ties)
     results = {"full precision": evaluate(model, loss_fn, eval_data, device)}
     qmodel = quantize(model, allocation.bits, granularity=args.granularity, group_size=args.group_size)
     results["quantized (PTQ)"] = evaluate(qmodel, loss_fn, eval_data, device)
     if args.finetune_epochs:
         finetune(qmodel, loss_fn, fine_data, epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet)
         results[f"quantized + {args.finetune_epochs} QAT epochs"] = evaluate(qmodel, loss_fn, eval_data, device)
-    frontier = pareto_frontier(omega, sens.sizes(), pinned=_pins(args.pin))
+    frontier = pareto_frontier(omega, sens.sizes(), pinned=pins, tied=ties)
     context.update({"sensitivity": f"HAWQ-{args.sensitivity.upper()}", "granularity": args.granularity,
                     "candidate bits": list(bits), "size budget (bits)": math.floor(budget),
                     "BOPs budget": bops_budget, "machine": describe(device)})

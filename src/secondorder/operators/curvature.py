@@ -98,6 +98,7 @@ class CurvatureOperator(LinearOperator):
         self.chunk_size, self.batch_size_fn, self.seed = chunk_size, batch_size_fn, seed
         self.vectorize = backend == "vmap" or (backend == "auto" and self.device.type == "cuda")
         self.num_matvecs = 0
+        self.num_samples: int | None = None  # known after the first pass over the data
 
     # ---- per batch -------------------------------------------------------------------
     def _loss(self, outputs: Any, batch: Any, index: int) -> Tensor:
@@ -139,6 +140,7 @@ class CurvatureOperator(LinearOperator):
                 count += n
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
+        self.num_samples = count
         if not name_nonfinite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             self._reduce(rows, torch.zeros_like(out), make_sink, name_nonfinite=True)  # rare: run again to name it
         return out.div_(count)
@@ -165,6 +167,7 @@ class CurvatureOperator(LinearOperator):
                 count += n
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
+        self.num_samples = count
         return total / count, (grad.div_(count) if gradient else None)
 
     def _matmat(self, V: Tensor) -> Tensor:
