@@ -226,12 +226,9 @@ def analyze(
         random = random_directions(2, P, seed, op.dtype, op.device)
         land1 = landscape_1d(op, torch.stack([v[:, 0], random[:, 0]], 1), ("top eigenvector", "random"),
                              landscape_radius, landscape_points, progress)
-        if top_k >= 2:
-            land2 = landscape_2d(op, v[:, 0], v[:, 1], ("eigenvector 1", "eigenvector 2"), landscape_radius,
-                                 landscape_grid, progress)
-        else:
-            land2 = landscape_2d(op, v[:, 0], random[:, 1], ("eigenvector 1", "random"), landscape_radius,
-                                 landscape_grid, progress)
+        second, name = (v[:, 1], "eigenvector 2") if top_k >= 2 else (random[:, 1], "random")
+        land2 = landscape_2d(op, v[:, 0], second, ("eigenvector 1", name), landscape_radius, landscape_grid,
+                             progress)
     return HessianAnalysis(
         curvature=curvature, num_parameters=P, num_samples=op.num_samples, loss=loss,
         gradient_norm=float(grad.norm()),
