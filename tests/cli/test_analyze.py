@@ -84,6 +84,13 @@ def test_default_model_and_global_rng(tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
 
 
+def test_unknown_params_fail_before_training(tmp_path, capsys):
+    state = torch.get_rng_state()
+    assert main(["analyze", "--params", "conv3", "--quiet", "--out", str(tmp_path / "x")]) == 2
+    assert "conv3" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_help_teaches():
     with pytest.raises(SystemExit) as exit_:
         main(["analyze", "--help"])

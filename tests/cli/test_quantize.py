@@ -57,6 +57,13 @@ def test_bad_input_exits_2_and_writes_nothing(project, capsys, args, message):
     assert sorted(p.name for p in root.iterdir()) == before
 
 
+def test_params_choose_the_layers(project):
+    root, _ = project
+    assert main([*OWN, "--params", "2", "--budget-bits", "3", "--out", "q"]) == 0
+    saved = json.loads((root / "q" / "summary.json").read_text())
+    assert [x["name"] for x in saved["layers"]] == ["2"] and list(saved["allocation"]["bits"]) == ["2"]
+
+
 def test_model_without_quantizable_layers(project, capsys):
     assert main(["quantize", "--model", "clinets:no_weights", "--data", "clinets:batches", "--quiet"]) == 2
     assert "no quantizable layers" in capsys.readouterr().err

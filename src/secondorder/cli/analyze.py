@@ -86,6 +86,12 @@ def _default_model(args: argparse.Namespace, device: torch.device):
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     from secondorder.datasets import load_mnist1d
 
+    if args.params:  # fail before training, with the suggestions the selector gives
+        from secondorder.datasets import Mnist1dCNN
+        from secondorder.operators.params import select_parameters
+
+        with torch.random.fork_rng(devices=[]):
+            select_parameters(Mnist1dCNN(), parameter_names(args))
     xtr, ytr, xte, yte = load_mnist1d()
     analysis_data = [(xtr[i : i + 1000].to(device), ytr[i : i + 1000].to(device)) for i in range(0, len(xtr), 1000)]
     tracker = HessianTracker(F.cross_entropy, analysis_data[0], seed=args.seed)

@@ -26,6 +26,7 @@ from secondorder.cli.common import (
     add_output_options,
     device_of,
     own_problem,
+    parameter_names,
     wants_own_model,
 )
 from secondorder.environment import describe
@@ -51,6 +52,8 @@ examples:
   secondorder quantize --model mypkg.nets:make --checkpoint net.pt --data mypkg.data:calib \\
                        --budget-mb 0.5 --pin conv1=8 --pin fc=8 --tie layer1.0.conv2,layer1.0.downsample.0
 
+layers: all quantizable layers (modules holding a weight of 2+ dimensions), or those named by
+--params (layer names, e.g. --params conv2,fc); the others stay in full precision.
 budgets: --budget-bits B is an average of B bits per weight (B * total weights); --budget-mb M
 megabytes of quantized weights; --bops A in [0, 1] limits the bit operations (MACs * weight bits *
 activation bits, activations at the weight bits) to all-lowest + A * (all-highest - all-lowest),
@@ -222,7 +225,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     model, loss_fn, data, fine_data, eval_data, context = (_own if wants_own_model(args) else _default)(args, device)
     if not quantizable_layers(model):
         raise UsageError("the model has no quantizable layers (modules holding a weight of 2 or more dimensions)")
-    sens = layer_sensitivities(model, loss_fn, data, bits=bits, trace_matvecs=args.probes, seed=args.seed,
+    sens = layer_sensitivities(model, loss_fn, data, bits=bits, layers=parameter_names(args),
+                               trace_matvecs=args.probes, seed=args.seed,
                                granularity=args.granularity, group_size=args.group_size, progress=not args.quiet)
     omega = _omega(args, sens)
     first = next(iter(as_batches(data)))
