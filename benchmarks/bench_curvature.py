@@ -61,6 +61,12 @@ def load() -> str:
 
 
 TIMED = {"1", "2"}  # the targets whose result is a time
+DEVICE = torch.device("cpu")  # set by --device (targets 1 and 2 only)
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def warn_contention(target: str, contention: Contention) -> float:
@@ -73,7 +79,7 @@ def warn_contention(target: str, contention: Contention) -> float:
 
 
 def section(title: str) -> None:
-    print(f"\n## {title}\nmachine: {machine()}; {load()}", flush=True)
+    print(f"\n## {title}\nmachine: {machine(DEVICE)}; {load()}", flush=True)
 
 
 def best_times(fns, reps: int, warmup: int = 1) -> list[float]:
@@ -89,8 +95,10 @@ def best_times(fns, reps: int, warmup: int = 1) -> list[float]:
     for _ in range(reps):
         for fn, ts in zip(fns, times):
             gc.collect()
+            synchronize()
             t0 = time.perf_counter()
             fn()
+            synchronize()
             ts.append(time.perf_counter() - t0)
     return [min(ts) for ts in times]
 
@@ -184,9 +192,10 @@ def per_hvp_times(name, model, X, y, reps, K=16):
     A = secondorder.HessianOperator(model, loss_fn, (X, y))
     P = A.shape[0]
     gen = torch.Generator().manual_seed(0)
-    V = torch.randn(P, K, generator=gen)
+    V = torch.randn(P, K, generator=gen).to(DEVICE)
+    cuda = DEVICE.type == "cuda"
 
-    H = ph.hessian(copy.deepcopy(model), loss_fn, data=(X, y), cuda=False)
+    H = ph.hessian(copy.deepcopy(model), loss_fn, data=(X, y), cuda=cuda)
     vs = [flat_to_list(V[:, k], H.params) for k in range(K)]
 
     def ours():
@@ -204,7 +213,7 @@ def per_hvp_times(name, model, X, y, reps, K=16):
     copies = [copy.deepcopy(model) for _ in range(reps + 1)]
 
     def build():  # PyHessian's one-off graph construction (forward + create_graph backward in __init__)
-        ph.hessian(copies.pop(), loss_fn, data=(X, y), cuda=False)
+        ph.hessian(copies.pop(), loss_fn, data=(X, y), cuda=cuda)
 
     def gradient():
         return torch.autograd.grad(loss_fn(model(X), y), list(model.parameters()))
@@ -256,16 +265,16 @@ def target1(args) -> tuple[list[Row], dict]:
     reps = 3 if args.quick else 10
     rows, raw = [], {}
     torch.manual_seed(0)
-    model = mlp()
-    X, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
+    model = mlp().to(DEVICE)
+    X, y = torch.randn(256, 784).to(DEVICE), torch.randint(0, 10, (256,)).to(DEVICE)
     r = per_hvp_times("1a MLP 784-256-256-10 tanh", model, X, y, reps)
     raw["mlp"] = r
     ok = r["agree"] < 1e-4
     rows.append(Row("1a", "MLP 784-256-256-10, batch 256: time per HVP", r["ours"] * 1e3, r["theirs"] * 1e3,
                     r["ours"] / r["theirs"], "<= 0.6", ok and r["ours"] / r["theirs"] <= 0.6, "ms"))
     torch.manual_seed(0)
-    model = cnn()
-    X, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    model = cnn().to(DEVICE)
+    X, y = torch.randn(128, 1, 28, 28).to(DEVICE), torch.randint(0, 10, (128,)).to(DEVICE)
     c = per_hvp_times("1b CNN conv8-conv16-pool-linear", model, X, y, reps)
     raw["cnn"] = c
     ok = c["agree"] < 1e-4
@@ -298,14 +307,14 @@ def target2(args) -> tuple[list[Row], dict]:
     ph = import_pyhessian()
     reps = 1 if args.quick else 3
     torch.manual_seed(0)
-    model = mlp().eval()
+    model = mlp().eval().to(DEVICE)
     loss_fn = nn.CrossEntropyLoss()
-    batches = [(torch.randn(256, 784), torch.randint(0, 10, (256,))) for _ in range(8)]
+    batches = [(torch.randn(256, 784).to(DEVICE), torch.randint(0, 10, (256,)).to(DEVICE)) for _ in range(8)]
     A = secondorder.HessianOperator(model, loss_fn, batches)
-    H = ph.hessian(copy.deepcopy(model), loss_fn, dataloader=batches, cuda=False)
+    H = ph.hessian(copy.deepcopy(model), loss_fn, dataloader=batches, cuda=DEVICE.type == "cuda")
 
     # the same operator? one dataset-level product each
-    v = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(1))
+    v = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(1)).to(DEVICE)
     _, hv_ph = H.dataloader_hv_product(flat_to_list(v, H.params))
     agree = float(((A @ v) - list_to_flat(hv_ph)).norm() / list_to_flat(hv_ph).norm())
 
@@ -702,8 +711,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fast smoke run (fewer repetitions and seeds)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     parser.add_argument("--targets", default="1,2,3,4,5", help="comma-separated targets to run (default all)")
+    parser.add_argument("--device", default="cpu", help="torch device for the timed targets 1 and 2 (default cpu)")
     parser.add_argument("--memory-child", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.memory_child:
         memory_child(args.memory_child)
         return 0
@@ -711,10 +723,12 @@ def main(argv=None) -> int:
     unknown = [t for t in wanted if t not in TARGETS]
     if unknown:
         parser.error(f"unknown targets {unknown}; choose from {sorted(TARGETS)}")
+    if DEVICE.type != "cpu" and set(wanted) - TIMED:
+        parser.error(f"--device {DEVICE} runs the timed targets only: pass --targets 1,2")
     import_pyhessian()
     print(f"# secondorder {secondorder.__version__} (commit {git_commit()}) vs PyHessian 0.1"
           f"{' (quick)' if args.quick else ''}")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(DEVICE)}")
     t_start = time.perf_counter()
     rows, raw, shared = [], {}, {}
     for t in wanted:
@@ -725,7 +739,7 @@ def main(argv=None) -> int:
         rows += r
         raw[t] = d
     elapsed = time.perf_counter() - t_start
-    print(f"\n## Results ({'quick' if args.quick else 'full'} run, {elapsed:.0f} s)\nmachine: {machine()}; "
+    print(f"\n## Results ({'quick' if args.quick else 'full'} run, {elapsed:.0f} s)\nmachine: {machine(DEVICE)}; "
           f"secondorder commit {git_commit()}\n")
     print("ratio = secondorder / PyHessian (lower is better)\n")
     print(table(rows), flush=True)
@@ -734,7 +748,7 @@ def main(argv=None) -> int:
         print(f"\nWARNING: other processes competed for the CPU during targets {', '.join(busy)}; "
               "their timings are unreliable.")
     if args.json:
-        payload = dict(machine=machine(), commit=git_commit(), cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(),
+        payload = dict(machine=machine(DEVICE), commit=git_commit(), cpu=cpu_model(), torch=torch.__version__, threads=torch.get_num_threads(),
                        quick=args.quick, elapsed_s=elapsed, rows=[r.as_dict() for r in rows], details=raw)
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
         print(f"\nwrote {args.json}")
