@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from secondorder.newton import (
+    LogisticRegression,
+    RidgeRegression,
+    effective_dimension,
+    newton_solve,
+)
+
+from .helpers import F64, gen, logistic_problem, ridge_problem
+
+
+def autograd_loss(problem, w):
+    z = problem.features @ w
+    if isinstance(problem, LogisticRegression):
+        terms = torch.log1p(torch.exp(-problem.labels * z))
+    else:
+        terms = 0.5 * (z - problem.labels) ** 2
+    return terms.mean() + 0.5 * problem.lam * (w @ w)
+
+
+@pytest.mark.parametrize("make", [logistic_problem, ridge_problem])
+def test_loss_gradient_hessian_match_autograd(make):
+    problem = make()
+    w = torch.randn(problem.dim, dtype=F64, generator=gen(1))
+    wr = w.clone().requires_grad_(True)
+    loss = autograd_loss(problem, wr)
+    (grad,) = torch.autograd.grad(loss, wr)
+    hess = torch.autograd.functional.hessian(lambda v: autograd_loss(problem, v), w)
+    assert abs(problem.loss(w) - float(loss.detach())) < 1e-12
+    torch.testing.assert_close(problem.gradient(w), grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(problem.hessian(w), hess, rtol=0, atol=1e-12)
+    a = problem.hessian_factor(w)
+    assert a.shape == (problem.num_samples, problem.dim)
+    torch.testing.assert_close(a.T @ a + problem.lam * torch.eye(problem.dim, dtype=F64), hess,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [logistic_problem, ridge_problem])
+def test_newton_converges(make):
+    problem = make(n=200, d=6, lam=1e-3, seed=3)
+    result = newton_solve(problem)
+    assert result.converged
+    assert float(problem.gradient(result.w).norm()) < 1e-10
+    assert result.gradient_norm <= 1e-12
+
+
+def test_newton_from_zero_on_nearly_separable_data():
+    g = gen(5)
+    x = torch.randn(100, 5, dtype=F64, generator=g)
+    y = torch.sign(x @ torch.ones(5, dtype=F64))  # separable: w* large, unit steps overshoot
+    problem = LogisticRegression(x, y, 1e-4)
+    result = newton_solve(problem)
+    assert result.converged and float(problem.gradient(result.w).norm()) < 1e-10
+    assert float(result.w.norm()) > 10
+
+
+def test_ridge_newton_matches_closed_form():
+    problem = ridge_problem(n=80, d=5, lam=0.1)
+    x, y, n = problem.features, problem.labels, problem.num_samples
+    closed = torch.linalg.solve(x.T @ x / n + 0.1 * torch.eye(5, dtype=F64), x.T @ y / n)
+    torch.testing.assert_close(newton_solve(problem).w, closed, rtol=0, atol=1e-12)
+
+
+def test_effective_dimension_is_trace_formula():
+    a = torch.randn(50, 7, dtype=F64, generator=gen(2))
+    lam = 0.3
+    gram = a.T @ a
+    expected = torch.trace(gram @ torch.linalg.inv(gram + lam * torch.eye(7, dtype=F64)))
+    assert abs(effective_dimension(a, lam) - float(expected)) < 1e-12
+    assert 0 < effective_dimension(a, lam) < 7
+
+
+def test_bad_labels_are_named():
+    x = torch.randn(4, 2, dtype=F64)
+    with pytest.raises(ValueError, match=r"-1 or \+1; found 0, 2"):
+        LogisticRegression(x, torch.tensor([0.0, 1.0, 2.0, -1.0]), 0.1)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_features_rejected(bad):
+    x = torch.randn(4, 2, dtype=F64)
+    x[2, 1] = bad
+    with pytest.raises(ValueError, match="non-finite"):
+        RidgeRegression(x, torch.zeros(4, dtype=F64), 0.1)
+
+
+def test_other_bad_inputs():
+    x = torch.randn(4, 2, dtype=F64)
+    y = torch.ones(4, dtype=F64)
+    with pytest.raises(ValueError, match="lam"):
+        RidgeRegression(x, y, 0.0)
+    with pytest.raises(ValueError, match="one entry per row"):
+        RidgeRegression(x, torch.ones(3, dtype=F64), 0.1)
+    with pytest.raises(ValueError, match="2-D"):
+        RidgeRegression(torch.ones(4, dtype=F64), y, 0.1)
+    with pytest.raises(ValueError, match="shape"):
+        RidgeRegression(x, y, 0.1).gradient(torch.zeros(3, dtype=F64))
