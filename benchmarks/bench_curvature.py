@@ -241,10 +241,13 @@ def per_hvp_times(name, model, X, y, reps, K=16):
 
     V_col = V.T.contiguous().T  # same values, column-major: the layout of the library's own probes
     A_vmap = secondorder.HessianOperator(model, loss_fn, (X, y), backend="vmap")
-    t_ours, t_theirs, t_single, t_grad, t_build, t_fr, t_col, t_vmap = best_times(
-        [ours, theirs, lambda: A @ v1, gradient, build, fwd_rev, lambda: A @ V_col, lambda: A_vmap @ V_col], reps
+    A_jvp = secondorder.HessianOperator(model, loss_fn, (X, y), backend="jvp")
+    agree_jvp = float(((A_jvp @ V) - HV_ph).norm() / HV_ph.norm())
+    t_ours, t_theirs, t_single, t_grad, t_build, t_fr, t_col, t_vmap, t_jvp = best_times(
+        [ours, theirs, lambda: A @ v1, gradient, build, fwd_rev, lambda: A @ V_col, lambda: A_vmap @ V_col,
+         lambda: A_jvp @ V_col], reps
     )
-    t_ours, t_theirs, t_fr, t_col, t_vmap = t_ours / K, t_theirs / K, t_fr / K, t_col / K, t_vmap / K
+    t_ours, t_theirs, t_fr, t_col, t_vmap, t_jvp = (t / K for t in (t_ours, t_theirs, t_fr, t_col, t_vmap, t_jvp))
     # PyHessian's per-HVP time excludes its graph construction; ours includes the forward and
     # backward that every call makes (amortized over the K probes).
     print(
@@ -257,7 +260,7 @@ def per_hvp_times(name, model, X, y, reps, K=16):
         flush=True,
     )
     return dict(P=P, ours=t_ours, theirs=t_theirs, build=t_build, grad=t_grad, agree=agree, single=t_single,
-                fwd_rev=t_fr, colmajor=t_col, vmap=t_vmap)
+                fwd_rev=t_fr, colmajor=t_col, vmap=t_vmap, jvp=t_jvp, agree_jvp=agree_jvp)
 
 
 def target1(args) -> tuple[list[Row], dict]:
@@ -287,6 +290,9 @@ def target1(args) -> tuple[list[Row], dict]:
                         d["vmap"] * 1e3, d["theirs"] * 1e3, d["vmap"] / d["theirs"], "info", None, "ms"))
         rows.append(Row(tag, f"{label}: time per HVP, forward-over-reverse vmap(jvp(grad)), 16 probes",
                         d["fwd_rev"] * 1e3, d["theirs"] * 1e3, d["fwd_rev"] / d["theirs"], "info", None, "ms"))
+        rows.append(Row(tag, f"{label}: time per HVP, backend='jvp' (the operator's forward-over-reverse; "
+                        f"difference {d['agree_jvp']:.0e})", d["jvp"] * 1e3, d["theirs"] * 1e3,
+                        d["jvp"] / d["theirs"], "info", None, "ms"))
     ratio = r["ours"] / r["grad"]
     single = r["single"] / r["grad"]
     print(f"HVP / gradient (MLP): batched {r['ours'] * 1e3:.3f} ms / {r['grad'] * 1e3:.3f} ms = {ratio:.2f}; "

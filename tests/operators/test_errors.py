@@ -101,8 +101,8 @@ def test_non_finite_curvature_names_the_batch():
 
 def test_unknown_backend(problem):
     model, X, y = problem
-    with pytest.raises(ValueError, match="'auto', 'loop' or 'vmap'"):
-        so.HessianOperator(model, F.cross_entropy, (X, y), backend="jvp")
+    with pytest.raises(ValueError, match="'auto', 'loop', 'vmap' or 'jvp'"):
+        so.HessianOperator(model, F.cross_entropy, (X, y), backend="jax")
 
 
 def test_ggn_rejects_closure(problem):
