@@ -7,21 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from secondorder.analysis import HessianAnalysis, analyze
-from tests.operators.references import dense_hessian
+from tests.operators.references import dense_hessian, tiny_mlp_problem
 
 
 def tiny_problem(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    X = torch.randn(32, 4, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (32,), generator=gen)
-    data = [(X[:20], y[:20]), (X[20:], y[20:])]  # ragged: weighted by size
-    return model, data
+    return tiny_mlp_problem(seed, 32, 20)  # ragged batches: weighted by size
 
 
 @pytest.fixture(scope="module")

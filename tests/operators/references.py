@@ -78,3 +78,18 @@ def closure_hessian(model: nn.Module, closure, batches, names, sizes) -> Tensor:
 
         total = total + n * torch.autograd.functional.hessian(f, theta0)
     return total / sum(sizes)
+
+
+def tiny_mlp_problem(seed: int = 0, num_samples: int = 32, split: int = 20):
+    """``Linear(4, 6) - Tanh - Linear(6, 3)`` in float64 and two (ragged) batches of 3-class data.
+
+    Model weights from ``seed`` in a forked RNG, data from a private generator: the global RNG
+    is untouched.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    X = torch.randn(num_samples, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (num_samples,), generator=gen)
+    return model, [(X[:split], y[:split]), (X[split:], y[split:])]

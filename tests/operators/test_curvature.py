@@ -151,16 +151,19 @@ def test_closure_loss_with_dict_batches():
     assert (A.to_dense() - reference).abs().max() <= TOL
 
 
+class KeywordModel(nn.Module):
+    """An MLP whose forward takes its input as the keyword ``features`` (dict-input batches)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = mlp()
+
+    def forward(self, features):
+        return self.inner(features)
+
+
 def test_dict_inputs_call_model_with_keywords():
-    class KW(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = mlp()
-
-        def forward(self, features):
-            return self.inner(features)
-
-    model = KW()
+    model = KeywordModel()
     X, y = data("mlp", "ce")
     A = HessianOperator(model, F.cross_entropy, ({"features": X}, y))
     reference = dense_hessian(model.inner, F.cross_entropy, [(X, y)], names(model.inner))

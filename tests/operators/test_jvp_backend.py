@@ -11,7 +11,7 @@ from torch import nn
 
 from secondorder import GGNOperator, HessianOperator, trace
 from tests.operators.references import dense_hessian
-from tests.operators.test_curvature import LOSSES, _gen, cnn, data, mlp, names, ragged
+from tests.operators.test_curvature import LOSSES, KeywordModel, _gen, cnn, data, mlp, names, ragged
 
 TOL = 1e-10
 
@@ -82,15 +82,7 @@ def test_parameter_subset():
 
 
 def test_dict_inputs_are_keywords():
-    class KW(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = mlp()
-
-        def forward(self, features):
-            return self.inner(features)
-
-    model = KW()
+    model = KeywordModel()
     X, y = data("mlp", "ce")
     A = HessianOperator(model, F.cross_entropy, [({"features": X[:8]}, y[:8]), ({"features": X[8:]}, y[8:])],
                         backend="jvp")

@@ -12,17 +12,11 @@ from torch import nn
 from secondorder.quant.qat import finetune, quantize
 from secondorder.quant.quantizers import QuantizedLayer, quantization_error
 from secondorder.quant.sensitivity import hawq_v1, hawq_v2, layer_sensitivities, qbert
-from tests.operators.references import dense_hessian
+from tests.operators.references import dense_hessian, tiny_mlp_problem
 
 
 def problem(seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    X = torch.randn(48, 4, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, 3, (48,), generator=gen)
-    return model, [(X[:24], y[:24]), (X[24:], y[24:])]
+    return tiny_mlp_problem(seed, 48, 24)
 
 
 def test_layer_sensitivities_match_exact_weight_blocks():
