@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from secondorder.cli import analyze, quantize
+from secondorder.cli import analyze, newton, quantize
 from secondorder.cli.common import UsageError
 
 __all__ = ["main"]
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     analyze.add_parser(sub)
     quantize.add_parser(sub)
+    newton.add_parser(sub)
     return parser
 
 
