@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_markdown  # noqa: E402
 
 from secondorder.analysis import analyze  # noqa: E402
+from secondorder.datasets import batches as split_batches  # noqa: E402
 from secondorder.datasets.mnist1d import load_mnist1d, train_mnist1d  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -189,7 +190,7 @@ def main():
     t_start = time.perf_counter()
     data = load_mnist1d()
     xtr, ytr = data[0], data[1]
-    batches = [(xtr[i:i + 1000], ytr[i:i + 1000]) for i in range(0, len(xtr), 1000)]
+    batches = split_batches(xtr, ytr, 1000)
     cs = configs(a)
     res = {c["key"]: {} for c in cs}
     for c in cs:

@@ -151,19 +151,20 @@ def _html(title: str, context: dict, tables, figs, tmp: Path) -> str:
 
 
 def write_report(analysis: HessianAnalysis, out: str | Path, title: str = "Hessian analysis",
-                 context: dict | None = None, evolution: Sequence[EvolutionPoint] | None = None) -> Path:
-    """Write the report into ``out`` (created, or its files replaced) atomically; returns ``out``.
+                 context: dict | None = None, evolution: Sequence[EvolutionPoint] | None = None) -> dict:
+    """Write the report into ``out`` (created, or its files replaced) atomically; returns the summary.
 
-    ``summary.json`` holds the analysis (:meth:`HessianAnalysis.to_dict`, loadable with
-    :meth:`HessianAnalysis.from_dict` from its ``"analysis"`` entry), the context and the evolution.
+    ``summary.json`` (the returned dict) holds the analysis (:meth:`HessianAnalysis.to_dict`,
+    loadable with :meth:`HessianAnalysis.from_dict` from its ``"analysis"`` entry), the context
+    and the evolution.
     """
     context = dict(context or {})
     with atomic_directory(out) as tmp:
         tables = _tables(analysis, evolution)
         figs = _figures(analysis, evolution, tmp)
-        (tmp / "summary.json").write_text(json.dumps(
-            {"context": context, "analysis": analysis.to_dict(),
-             "evolution": [asdict(p) for p in evolution or ()]}, indent=2))
+        summary = {"context": context, "analysis": analysis.to_dict(),
+                   "evolution": [asdict(p) for p in evolution or ()]}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
         (tmp / "report.md").write_text(_markdown(title, context, tables, figs))
         (tmp / "report.html").write_text(_html(title, context, tables, figs, tmp))
-    return Path(out)
+    return summary

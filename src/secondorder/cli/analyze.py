@@ -8,7 +8,6 @@ way) and analyzes it. With ``--model`` and ``--data`` it analyzes your own netwo
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -47,6 +46,7 @@ what the report holds (report.html, self-contained; report.md; summary.json; PNG
 """
 
 EVOLUTION_EPOCHS = (0, 1, 2, 5, 10, 20)
+TRAIN_BATCH = 128  # the default model's SGD batch (the callback maps steps back to epochs with it)
 
 
 def add_parser(sub) -> None:
@@ -84,7 +84,7 @@ def _default_model(args: argparse.Namespace, device: torch.device):
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
-    from secondorder.datasets import load_mnist1d
+    from secondorder.datasets import batches, load_mnist1d
 
     if args.params:  # fail before training, with the suggestions the selector gives
         from secondorder.datasets import Mnist1dCNN
@@ -93,16 +93,16 @@ def _default_model(args: argparse.Namespace, device: torch.device):
         with torch.random.fork_rng(devices=[]):
             select_parameters(Mnist1dCNN(), parameter_names(args))
     xtr, ytr, xte, yte = load_mnist1d()
-    analysis_data = [(xtr[i : i + 1000].to(device), ytr[i : i + 1000].to(device)) for i in range(0, len(xtr), 1000)]
+    analysis_data = batches(xtr.to(device), ytr.to(device), 1000)
     tracker = HessianTracker(F.cross_entropy, analysis_data[0], seed=args.seed)
-    steps_per_epoch = -(-len(xtr) // 128)
+    steps_per_epoch = -(-len(xtr) // TRAIN_BATCH)
     epochs = {e for e in EVOLUTION_EPOCHS if e <= args.epochs} | {args.epochs}
 
     def callback(step: int, model: torch.nn.Module) -> None:
         if step // steps_per_epoch in epochs:
             tracker(step, model)
 
-    trained = train_mnist1d(args.seed, args.epochs, data=(xtr, ytr, xte, yte), callback=callback,
+    trained = train_mnist1d(args.seed, args.epochs, TRAIN_BATCH, data=(xtr, ytr, xte, yte), callback=callback,
                             progress=not args.quiet)
     context = {"model": "default: " + trained.recipe,
                "test accuracy": f"{100 * trained.test_accuracy:.1f}%",
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
                        progress=not args.quiet)
     context.update({"curvature": args.curvature, "seed": args.seed, "machine": describe(device),
                     "total seconds": f"{time.perf_counter() - start:.1f}"})
-    write_report(analysis, args.out, title="secondorder analyze: Hessian report", context=context,
-                 evolution=evolution)
+    summary = write_report(analysis, args.out, title="secondorder analyze: Hessian report", context=context,
+                           evolution=evolution)
     table = summary_table(analysis) + f"\nreport: {args.out / 'report.html'} (also report.md, summary.json and PNGs)"
-    return json.loads((args.out / "summary.json").read_text()), table
+    return summary, table

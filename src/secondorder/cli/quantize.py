@@ -112,14 +112,14 @@ def _pins(items: list[str]) -> dict[str, int]:
 
 
 def _default(args, device):
-    from secondorder.datasets import train_mnist1d
+    from secondorder.datasets import batches, train_mnist1d
 
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     trained = train_mnist1d(args.seed, args.epochs, progress=not args.quiet)
     (xtr, ytr), (xte, yte) = trained.train, trained.test
-    train = [(xtr[i : i + 1000].to(device), ytr[i : i + 1000].to(device)) for i in range(0, len(xtr), 1000)]
-    fine = [(xtr[i : i + 128].to(device), ytr[i : i + 128].to(device)) for i in range(0, len(xtr), 128)]
+    xtr, ytr = xtr.to(device), ytr.to(device)
+    train, fine = batches(xtr, ytr, 1000), batches(xtr, ytr, 128)
     context = {"model": "default: " + trained.recipe, "evaluation": f"the {len(xte)} test samples",
                "sensitivity data": f"the {len(xtr)} training samples"}
     return trained.model.to(device), F.cross_entropy, train, fine, [(xte.to(device), yte.to(device))], context
