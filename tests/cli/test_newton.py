@@ -8,8 +8,11 @@ import json
 import pytest
 
 from secondorder.cli import main
+from secondorder.distributed import launch
 from secondorder.newton import LogisticRegression, simulate
 from secondorder.newton.datasets import load_dataset
+
+from . import workers
 
 RUN = ["newton", "--dataset", "synthetic", "--machines", "3", "--iterations", "4", "--seed", "5"]
 
@@ -63,3 +66,22 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, arg
     err = capsys.readouterr().err.strip()
     assert err.startswith("secondorder: error:") and len(err.splitlines()) == 1 and message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_processes_engine_writes_what_the_sharded_simulator_computes(tmp_path, capsys):
+    argv = [*RUN[:3], "--iterations", "3", "--seed", "5", "--combine", "determinantal", "--quiet"]
+    codes = launch(workers.run_main, 2, ([*argv, "--engine", "processes", "--out", str(tmp_path / "p")],),
+                   timeout=60)
+    assert codes == [0, 0]
+    assert main([*argv, "--engine", "simulator", "--sharded", "--machines", "2", "--out", str(tmp_path / "s")]) == 0
+    real = json.loads((tmp_path / "p" / "summary.json").read_text())
+    simulated = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert real["context"]["engine"] == "processes" and real["context"]["machines"] == 2
+    assert [r["relative_error"] for r in real["iterations"]] == pytest.approx(
+        [r["relative_error"] for r in simulated["iterations"]], rel=1e-9)
+
+
+def test_processes_engine_refuses_a_machine_count_other_than_the_world_size(tmp_path):
+    argv = [*RUN[:3], "--machines", "3", "--engine", "processes", "--out", str(tmp_path / "p")]
+    assert launch(workers.run_main, 2, (argv,), timeout=30) == [2, 2]
+    assert not (tmp_path / "p").exists()

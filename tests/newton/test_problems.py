@@ -4,7 +4,9 @@ import torch
 from secondorder.newton import (
     LogisticRegression,
     RidgeRegression,
+    armijo_step,
     effective_dimension,
+    gram_effective_dimension,
     newton_solve,
 )
 
@@ -97,3 +99,37 @@ def test_other_bad_inputs():
         RidgeRegression(torch.ones(4, dtype=F64), y, 0.1)
     with pytest.raises(ValueError, match="shape"):
         RidgeRegression(x, y, 0.1).gradient(torch.zeros(3, dtype=F64))
+
+
+@pytest.mark.parametrize("make", [logistic_problem, ridge_problem])
+def test_batched_losses_subsets_and_sums(make):
+    problem = make(n=30, d=3)
+    points = torch.randn(5, 3, dtype=F64, generator=gen(4))
+    torch.testing.assert_close(problem.losses(points),
+                               torch.stack([autograd_loss(problem, p) for p in points]), rtol=1e-13, atol=0)
+    halves = [problem.subset(torch.arange(0, 12)), problem.subset(torch.arange(12, 30))]
+    w = points[0]
+    torch.testing.assert_close(sum(h.gradient_sum(w) for h in halves) / 30 + problem.lam * w,
+                               problem.gradient(w), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(sum(h.loss_sums(points) for h in halves), problem.loss_sums(points),
+                               rtol=1e-13, atol=0)
+    assert type(halves[0]) is type(problem) and halves[0].lam == problem.lam
+    with pytest.raises(ValueError, match=r"points must be \[J, 3\]"):
+        problem.losses(w)
+
+
+def test_gram_effective_dimension_equals_the_factor_one():
+    a = torch.randn(40, 6, dtype=F64, generator=gen(8))
+    assert gram_effective_dimension(a.T @ a, 0.2) == pytest.approx(effective_dimension(a, 0.2), rel=1e-13)
+
+
+def test_armijo_step_is_the_first_halving_that_decreases_enough():
+    problem = logistic_problem(n=40, d=3, lam=0.01, seed=2)
+    w = torch.zeros(3, dtype=F64)
+    g = problem.gradient(w)
+    p = 40 * g  # far too long: needs halvings
+    eta = armijo_step(problem, w, p, g)
+    expected = next(0.5**j for j in range(60)
+                    if problem.loss(w - 0.5**j * p) <= problem.loss(w) - 1e-4 * 0.5**j * float(g @ p) + 1e-13)
+    assert eta == expected < 1
+    assert armijo_step(problem, w, -p, g) < 1e-12  # an ascent direction: at most a round-off-sized step

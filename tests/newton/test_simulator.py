@@ -4,13 +4,16 @@ import torch
 from secondorder.newton import (
     RidgeDPP,
     RidgeRegression,
-    distributed_direction,
+    SimulatedCluster,
+    SketchConfig,
     effective_dimension,
     gaussian_sketch,
+    less_sketch,
     leverage_sketch,
     machine_generators,
     newton_solve,
     one_step_error,
+    random_shards,
     poisson_sketch,
     simulate,
     surrogate_sketch,
@@ -19,7 +22,7 @@ from secondorder.newton import (
 
 from .helpers import F64, logistic_problem
 
-SKETCHES = ["uniform", "leverage", "poisson", "gaussian", "surrogate"]
+SKETCHES = ["uniform", "leverage", "poisson", "gaussian", "less", "surrogate"]
 
 
 def single_machine_direction(problem, w, g, generator, m, sketch, scaled):
@@ -33,6 +36,7 @@ def single_machine_direction(problem, w, g, generator, m, sketch, scaled):
         "leverage": lambda: leverage_sketch(a, m, lam, generator),
         "poisson": lambda: poisson_sketch(a, m, generator),
         "gaussian": lambda: gaussian_sketch(a, m, generator),
+        "less": lambda: less_sketch(a, m, lam, generator),
         "surrogate": lambda: surrogate_sketch(a, m, lam, generator, dpp=RidgeDPP.from_factor(a, lam)),
     }[sketch]
     rows = make().rows
@@ -48,8 +52,8 @@ def test_batched_machines_equal_sequential_machines(sketch, averaging):
     g = problem.gradient(w)
     q, m = 5, 9
     scaled = sketch in ("surrogate", "leverage")
-    step = distributed_direction(problem, w, g, machine_generators(7, q), sketch_size=m,
-                                 sketch=sketch, averaging=averaging, scaled_regularization=scaled)
+    config = SketchConfig(m, sketch, averaging, scaled)
+    step = SimulatedCluster(problem, machines=q, config=config, seed=7).direction(w, g)
     pairs = [single_machine_direction(problem, w, g, gen, m, sketch, scaled)
              for gen in machine_generators(7, q)]
     dirs = torch.stack([p for p, _ in pairs])
@@ -134,3 +138,47 @@ def test_bad_simulator_inputs():
     zero_labels = RidgeRegression(problem.features, torch.zeros(problem.num_samples), 0.1)
     with pytest.raises(ValueError, match="optimum"):  # w = 0 is its exact minimizer
         one_step_error(zero_labels, torch.zeros(problem.dim), machines=2, sketch_size=8)
+
+
+def test_sharded_machines_sketch_only_their_own_rows():
+    problem = logistic_problem(n=40, d=3, seed=6)
+    w = newton_solve(problem).w / 2
+    g = problem.gradient(w)
+    shards = random_shards(40, 4, seed=1)
+    config = SketchConfig(8, "uniform", "determinantal", True, "estimated")
+    step = SimulatedCluster(problem, machines=4, config=config, shards=shards, seed=3).direction(w, g)
+    dirs, logdets, dims = [], [], []
+    for shard, generator in zip(shards, machine_generators(3, 4)):
+        a = problem.subset(shard).hessian_factor(w)  # rows of the shard, normalized by its size
+        dims.append(effective_dimension(a, problem.lam))
+        dirs.append((a, uniform_sketch(a, 8, generator).rows))
+    d_lam = sum(dims) / 4  # "estimated": the machines' mean of their own d_lambda
+    gamma = 1 - d_lam / 8
+    for a, rows in dirs:
+        h = rows.T @ rows + gamma * problem.lam * torch.eye(3, dtype=F64)
+        dirs_k = gamma * torch.linalg.solve(h, g)
+        logdets.append((dirs_k, torch.linalg.slogdet(h).logabsdet))
+    a_k = torch.exp(torch.stack([ld for _, ld in logdets]) - max(ld for _, ld in logdets))
+    expected = (a_k[:, None] * torch.stack([p for p, _ in logdets])).sum(0) / a_k.sum()
+    torch.testing.assert_close(step.combined.direction, expected, rtol=1e-12, atol=1e-14)
+    assert step.effective_dim == pytest.approx(d_lam, rel=1e-12)
+    exact = SimulatedCluster(problem, machines=4, config=SketchConfig(8, effective_dim="exact"), shards=shards)
+    assert exact.direction(w, g).effective_dim == pytest.approx(
+        effective_dimension(problem.hessian_factor(w), problem.lam), rel=1e-12)
+
+
+def test_random_shards_partition_and_bad_shards():
+    shards = random_shards(10, 3, seed=0)
+    assert sorted(torch.cat(shards).tolist()) == list(range(10)) and [len(s) for s in shards] == [4, 3, 3]
+    with pytest.raises(ValueError, match="cannot split 2 rows into 3"):
+        random_shards(2, 3)
+    problem = logistic_problem(n=12, d=3)
+    config = SketchConfig(8)
+    with pytest.raises(ValueError, match="got 2 shards for 3 machines"):
+        SimulatedCluster(problem, machines=3, config=config, shards=random_shards(12, 2))
+    with pytest.raises(ValueError, match=r"shards \[1\] are empty"):
+        SimulatedCluster(problem, machines=2, config=config, shards=[torch.arange(12), []])
+    with pytest.raises(ValueError, match="1 rows are in none and 1 in several"):
+        SimulatedCluster(problem, machines=2, config=config, shards=[torch.arange(6), torch.arange(5, 11)])
+    with pytest.raises(ValueError, match="effective_dim must be one of"):
+        SketchConfig(8, effective_dim="guess")

@@ -7,6 +7,7 @@ from secondorder.newton import (
     RidgeDPP,
     effective_dimension,
     gaussian_sketch,
+    less_sketch,
     leverage_sketch,
     poisson_sketch,
     ridge_leverage_scores,
@@ -26,10 +27,12 @@ def draw(kind, a, m, g):
         return leverage_sketch(a, m, LAM, g)
     if kind == "poisson":
         return poisson_sketch(a, m, g)
+    if kind == "less":
+        return less_sketch(a, m, LAM, g)
     return gaussian_sketch(a, m, g)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "leverage", "poisson", "gaussian"])
+@pytest.mark.parametrize("kind", ["uniform", "leverage", "poisson", "gaussian", "less"])
 def test_sketched_gram_is_unbiased(kind):
     a = coherent_factor()
     g = gen(11)
@@ -49,8 +52,41 @@ def test_sketch_shapes_and_scaling():
 
 def test_sketches_are_reproducible_from_the_generator():
     a = coherent_factor()
-    for kind in ["uniform", "leverage", "poisson", "gaussian"]:
+    for kind in ["uniform", "leverage", "poisson", "gaussian", "less"]:
         assert torch.equal(draw(kind, a, 6, gen(3)).rows, draw(kind, a, 6, gen(3)).rows)
+
+
+def test_less_rows_are_signed_weighted_sums_of_sampled_rows():
+    a = coherent_factor(n=30, d=3)
+    s = less_sketch(a, 5, LAM, gen(2), nonzeros=1)
+    # one non-zero per row: each sketched row is +-a_i / sqrt(m p_i) for a sampled i
+    p = ridge_leverage_scores(a, LAM) / ridge_leverage_scores(a, LAM).sum()
+    candidates = a / torch.sqrt(5 * p)[:, None]
+    for row in s.rows:
+        dist = torch.minimum((candidates - row).norm(dim=1), (candidates + row).norm(dim=1))
+        assert float(dist.min()) < 1e-12
+    assert less_sketch(a, 5, LAM, gen(2)).rows.shape == (5, 3)
+    with pytest.raises(ValueError, match="nonzeros"):
+        less_sketch(a, 5, LAM, gen(2), nonzeros=0)
+
+
+def test_less_inversion_bias_is_correctable_like_a_gaussian_sketch():
+    """The LESS paper's claim: like a dense Gaussian sketch, and unlike uniform row sampling, the
+    LESS inverse is nearly unbiased after the scaled-regularization correction
+    gamma E[(A~^T A~ + gamma lam I)^-1], gamma = 1 - d_lam/m, for a coherent A."""
+    a = coherent_factor(n=60, d=4, heavy=3, seed=1)
+    m = 12
+    exact = torch.linalg.inv(a.T @ a + LAM * torch.eye(4, dtype=F64))
+    gamma = 1 - effective_dimension(a, LAM) / m
+    g = gen(5)
+
+    def bias(kind):
+        inv = torch.stack([gamma * torch.linalg.inv(draw(kind, a, m, g).gram + gamma * LAM * torch.eye(4, dtype=F64))
+                           for _ in range(2000)]).mean(0)
+        return float((inv - exact).norm() / exact.norm())
+
+    less, gaussian, uniform = bias("less"), bias("gaussian"), bias("uniform")
+    assert less < 0.3 * uniform and less < 1.5 * gaussian, (less, gaussian, uniform)
 
 
 def test_ridge_leverage_scores_sum_to_effective_dimension():

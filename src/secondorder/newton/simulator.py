@@ -1,17 +1,24 @@
-r"""Single-process simulator of distributed sketched Newton with q virtual machines.
+r"""Single-process engine: q virtual machines of distributed sketched Newton, vectorized.
 
 Iteration t (the communication pattern of GIANT / determinantal averaging / scaled
-regularization, simulated in one process):
+regularization, simulated in one process; see :mod:`secondorder.newton.engine` for the loop):
 
 1. exact global gradient :math:`g_t = \nabla L(w_t)` (one all-reduce in a real run);
-2. every machine k draws its own sketch of :math:`A(w_t)` from its own ``torch.Generator``
-   and forms :math:`\hat H_k = \tilde A_k^\top\tilde A_k + \lambda_{loc} I`, with
-   :math:`\lambda_{loc} = \lambda` or the scaled :math:`\lambda' = \lambda(1 - d_\lambda/m)`;
+2. every machine k draws its own sketch of its data's Hessian square root from its own
+   ``torch.Generator`` and forms :math:`\hat H_k = \tilde A_k^\top\tilde A_k + \lambda_{loc} I`,
+   with :math:`\lambda_{loc} = \lambda` or the scaled :math:`\lambda' = \lambda(1 - d_\lambda/m)`;
 3. local directions :math:`\hat p_k = \hat H_k^{-1} g_t`, batched over [q, d, d];
 4. combine (uniform or determinantal averaging; times :math:`1 - d_\lambda/m` under scaled
-   regularization) into :math:`\bar p_t` (the second all-reduce);
-5. :math:`w_{t+1} = w_t - \eta_t\bar p_t`, with Armijo backtracking on the global loss or
-   :math:`\eta_t = 1`.
+   regularization) into :math:`\bar p_t` (the second all-reduce).
+
+A machine's data is either the whole data set (``shards=None``: every machine samples from all
+rows, as in the papers' experiments where q m exceeds n) or its own shard (``shards``: a
+partition of the rows into q parts, what a real run with one shard per process does; the
+:class:`~secondorder.newton.processes.ProcessCluster` then gives the same iterates).
+
+:math:`d_\lambda` is ``"exact"`` (of the global Hessian) or ``"estimated"`` (the mean over
+machines of their own data's :math:`d_\lambda`: a scalar all-reduce instead of a d x d one; the
+same as exact without shards).
 
 Machine k's generator is seeded from ``(seed, k)`` with ``numpy.random.SeedSequence``, so a run
 with q machines reproduces q independent single-machine computations draw for draw.
@@ -22,69 +29,97 @@ data (use the line search, or start in the local regime); sketches need m > d.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from secondorder.newton.combine import (
-    AVERAGING,
-    CombinedDirection,
-    combine,
-    local_directions,
-    sketched_hessians,
+from secondorder.newton.combine import AVERAGING, combine, local_directions, local_regularization, sketched_hessians
+from secondorder.newton.engine import (
+    EFFECTIVE_DIMS,
+    DistributedStep,
+    NewtonRun,
+    as_weights,
+    run_newton,
 )
-from secondorder.newton.combine import scaled_regularization as scaled_regularization_rule
-from secondorder.newton.problems import (
-    DTYPE,
-    GLMProblem,
-    _as_weights,
-    armijo_step,
-    effective_dimension,
-    newton_solve,
-)
+from secondorder.newton.problems import GLMProblem, effective_dimension
 from secondorder.newton.sketches import (
     RidgeDPP,
     RowSketch,
     _check_size,
     gaussian_sketch,
+    less_sketch,
     poisson_sketch,
     row_probabilities,
     sample_rows,
     surrogate_sketch,
 )
 
-SKETCHES = ("uniform", "leverage", "poisson", "gaussian", "surrogate")
+SKETCHES = ("uniform", "leverage", "poisson", "gaussian", "less", "surrogate")
+
+
+def machine_generator(seed: int, machine: int) -> torch.Generator:
+    """Machine ``machine``'s ``torch.Generator``, seeded from ``SeedSequence([seed, machine])``."""
+    state = np.random.SeedSequence([int(seed), int(machine)]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
 def machine_generators(seed: int, machines: int) -> list[torch.Generator]:
-    """One independent ``torch.Generator`` per machine, seeded from ``SeedSequence([seed, k])``."""
+    """One independent generator per machine (:func:`machine_generator` for k = 0..q-1)."""
     if isinstance(machines, bool) or int(machines) != machines or machines < 1:
         raise ValueError(f"machines (q) must be a positive integer, got {machines!r}")
-    gens = []
-    for k in range(int(machines)):
-        state = np.random.SeedSequence([int(seed), k]).generate_state(1, np.uint64)[0]
-        gens.append(torch.Generator().manual_seed(int(state) & ((1 << 63) - 1)))
-    return gens
+    return [machine_generator(seed, k) for k in range(int(machines))]
 
 
-def _resolve_scaled(sketch: str, scaled: bool | None) -> bool:
-    if sketch not in SKETCHES:
-        raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
-    if sketch == "surrogate":
-        if scaled is False:
-            raise ValueError(
-                "the surrogate sketch is defined with the scaled regularizer "
-                "lambda' = lambda (1 - d_lambda/m); leave scaled_regularization as None or True"
-            )
-        return True
-    return bool(scaled)
+@dataclass(frozen=True)
+class SketchConfig:
+    """What every machine does: ``sketch`` of ``sketch_size`` rows, ``averaging``, scaled
+    regularization on or off, and how :math:`d_\\lambda` is obtained. Validated on creation."""
+
+    sketch_size: int
+    sketch: str = "uniform"
+    averaging: str = "uniform"
+    scaled_regularization: bool | None = None
+    effective_dim: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.sketch not in SKETCHES:
+            raise ValueError(f"sketch must be one of {SKETCHES}, got {self.sketch!r}")
+        if self.averaging not in AVERAGING:
+            raise ValueError(f"averaging must be one of {AVERAGING}, got {self.averaging!r}")
+        if self.effective_dim not in EFFECTIVE_DIMS:
+            raise ValueError(f"effective_dim must be one of {EFFECTIVE_DIMS}, got {self.effective_dim!r}")
+        scaled = self.scaled_regularization
+        if self.sketch == "surrogate":
+            if scaled is False:
+                raise ValueError(
+                    "the surrogate sketch is defined with the scaled regularizer "
+                    "lambda' = lambda (1 - d_lambda/m); leave scaled_regularization as None or True"
+                )
+            scaled = True
+        object.__setattr__(self, "scaled_regularization", bool(scaled))
+
+    def check(self, dim: int) -> None:
+        """Raise if the sketch size does not exceed the dimension."""
+        _check_size(self.sketch_size, dim)
+
+    def local_solves(self, factors: Sequence[Tensor], lam: float, d_lam: float,
+                     generators: Sequence[torch.Generator], gradient: Tensor):
+        """Steps 2-3 for the machines owning ``generators``; ``factors`` holds one factor per
+        machine, or a single one all of them sample from. Returns (LocalSolves, local regularization)."""
+        reg = local_regularization(lam, d_lam, self.sketch_size, self.scaled_regularization)
+        if len(factors) == 1:
+            sketches = draw_sketches(factors[0], self.sketch_size, lam, self.sketch, generators)
+        else:
+            sketches = [draw_sketches(f, self.sketch_size, lam, self.sketch, [g])[0]
+                        for f, g in zip(factors, generators)]
+        return local_directions(sketched_hessians(sketches, reg.local_lam), gradient), reg
 
 
 def draw_sketches(
-    factor: Tensor, m: int, lam: float, sketch: str, generators: list[torch.Generator]
+    factor: Tensor, m: int, lam: float, sketch: str, generators: Sequence[torch.Generator]
 ) -> list[RowSketch]:
     """Each machine's sketch of ``factor`` from its own generator (shared precomputation:
     sampling probabilities, the DPP's eigendecomposition)."""
@@ -95,75 +130,82 @@ def draw_sketches(
         return [poisson_sketch(factor, m, g) for g in generators]
     if sketch == "gaussian":
         return [gaussian_sketch(factor, m, g) for g in generators]
+    if sketch == "less":
+        return [less_sketch(factor, m, lam, g) for g in generators]
     if sketch == "surrogate":
         dpp = RidgeDPP.from_factor(factor, lam)
         return [surrogate_sketch(factor, m, lam, g, dpp=dpp) for g in generators]
     raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
 
 
-@dataclass(frozen=True)
-class DistributedStep:
-    """One combined step: the ``combined`` direction, :math:`d_\\lambda(w)` and the local λ used."""
-
-    combined: CombinedDirection
-    effective_dim: float
-    local_lam: float
-
-
-def distributed_direction(
-    problem: GLMProblem,
-    w: Tensor,
-    gradient: Tensor,
-    generators: list[torch.Generator],
-    *,
-    sketch_size: int,
-    sketch: str = "uniform",
-    averaging: str = "uniform",
-    scaled_regularization: bool | None = None,
-) -> DistributedStep:
-    """Steps 2-4 of the module docstring at ``w`` for the machines owning ``generators``."""
-    scaled = _resolve_scaled(sketch, scaled_regularization)
-    if averaging not in AVERAGING:
-        raise ValueError(f"averaging must be one of {AVERAGING}, got {averaging!r}")
-    m = _check_size(sketch_size, problem.dim)
-    factor = problem.hessian_factor(w)
-    d_lam = effective_dimension(factor, problem.lam)
-    if scaled:
-        rule = scaled_regularization_rule(problem.lam, d_lam, m)
-        local_lam, step_scale = rule.local_lam, rule.step_scale
-    else:
-        local_lam, step_scale = problem.lam, 1.0
-    sketches = draw_sketches(factor, m, problem.lam, sketch, generators)
-    solves = local_directions(sketched_hessians(sketches, local_lam), gradient)
-    return DistributedStep(combine(solves, averaging, step_scale), d_lam, local_lam)
+def check_shards(shards: Sequence[Tensor], num_samples: int) -> list[Tensor]:
+    """``shards`` as index tensors, checked to be a partition of ``range(num_samples)`` into
+    non-empty parts (every row in exactly one shard, so the shards' sums are the global ones)."""
+    parts = [torch.as_tensor(s, dtype=torch.long).flatten() for s in shards]
+    empty = [k for k, s in enumerate(parts) if s.numel() == 0]
+    if empty:
+        raise ValueError(f"shards {empty[:5]} are empty; every machine needs at least one row")
+    counts = torch.bincount(torch.cat(parts), minlength=num_samples) if parts else torch.zeros(0)
+    if len(counts) != num_samples or bool((counts != 1).any()):
+        raise ValueError(
+            f"shards must partition the {num_samples} rows (each row in exactly one shard); "
+            f"{int((counts == 0).sum())} rows are in none and {int((counts > 1).sum())} in several"
+        )
+    return parts
 
 
-
-@dataclass(frozen=True)
-class SimulationResult:
-    """Iterates [T+1, d] (``iterates[0]`` = start), relative errors
-    :math:`\\|w_t - w^*\\|/\\|w^*\\|` [T+1], step sizes η_t [T], wall-clock seconds per iteration
-    [T], effective sample sizes of the weights [T], and the reference ``w_star``."""
-
-    iterates: Tensor
-    relative_errors: Tensor
-    step_sizes: Tensor
-    times: Tensor
-    effective_sample_sizes: Tensor
-    w_star: Tensor
+def random_shards(num_samples: int, parts: int, seed: int = 0) -> list[Tensor]:
+    """A seeded random partition of ``range(num_samples)`` into ``parts`` shards of nearly equal size."""
+    if parts > num_samples:
+        raise ValueError(f"cannot split {num_samples} rows into {parts} non-empty shards; use fewer machines")
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed)))
+    return [part.sort().values for part in torch.tensor_split(perm, parts)]
 
 
-def _relative_error(w: Tensor, w_star: Tensor) -> float:
-    return float((w - w_star).norm() / w_star.norm())
+class SimulatedCluster:
+    """q virtual machines in one process (see the module docstring); implements
+    :class:`~secondorder.newton.engine.Cluster`."""
 
+    def __init__(
+        self,
+        problem: GLMProblem,
+        *,
+        machines: int,
+        config: SketchConfig,
+        shards: Sequence[Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        config.check(problem.dim)
+        self.problem = problem
+        self.config = config
+        self.generators = machine_generators(seed, machines)
+        self.machines = len(self.generators)
+        self.dim, self.lam = problem.dim, problem.lam
+        self.shards = None
+        if shards is not None:
+            if len(shards) != self.machines:
+                raise ValueError(f"got {len(shards)} shards for {self.machines} machines; give one per machine")
+            self.shards = [problem.subset(s) for s in check_shards(shards, problem.num_samples)]
 
-def _reference_solution(problem: GLMProblem, w_star: Tensor | None) -> Tensor:
-    if w_star is None:
-        w_star = newton_solve(problem).w
-    w_star = _as_weights(problem, w_star)
-    if float(w_star.norm()) == 0.0:
-        raise ValueError("w_star is zero; relative errors ||w - w*||/||w*|| are undefined")
-    return w_star
+    def gradient(self, w: Tensor) -> Tensor:
+        return self.problem.gradient(w)
+
+    def losses(self, points: Tensor) -> Tensor:
+        return self.problem.losses(points)
+
+    def hessian(self, w: Tensor) -> Tensor:
+        return self.problem.hessian(w)
+
+    def direction(self, w: Tensor, gradient: Tensor) -> DistributedStep:
+        factor = self.problem.hessian_factor(w)
+        factors = [factor] if self.shards is None else [s.hessian_factor(w) for s in self.shards]
+        if self.config.effective_dim == "exact" or self.shards is None:
+            d_lam = effective_dimension(factor, self.lam)
+        else:
+            d_lam = sum(effective_dimension(f, self.lam) for f in factors) / len(factors)
+        solves, reg = self.config.local_solves(factors, self.lam, d_lam, self.generators, gradient)
+        combined = combine(solves, self.config.averaging, reg.step_scale)
+        return DistributedStep(combined, d_lam, reg.local_lam)
 
 
 def simulate(
@@ -175,42 +217,24 @@ def simulate(
     sketch: str = "uniform",
     averaging: str = "uniform",
     scaled_regularization: bool | None = None,
+    effective_dim: str = "exact",
+    shards: Sequence[Tensor] | None = None,
     line_search: bool = True,
     w0: Tensor | None = None,
     w_star: Tensor | None = None,
     seed: int = 0,
-) -> SimulationResult:
+    callback=None,
+) -> NewtonRun:
     """Run ``iterations`` of distributed sketched Newton with q = ``machines`` virtual machines.
 
     ``scaled_regularization`` None means: on for ``sketch="surrogate"``, off otherwise.
-    ``w_star`` defaults to the exact Newton solution (gradient norm 1e-12).
+    ``w_star`` defaults to the exact Newton solution (gradient norm 1e-12). See
+    :func:`~secondorder.newton.engine.run_newton` for ``callback``.
     """
-    if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
-    w_star = _reference_solution(problem, w_star)
-    gens = machine_generators(seed, machines)
-    w = torch.zeros(problem.dim, dtype=DTYPE) if w0 is None else _as_weights(problem, w0).clone()
-    iterates, etas, times, ess = [w], [], [], []
-    for _ in range(int(iterations)):
-        start = time.perf_counter()
-        g = problem.gradient(w)
-        step = distributed_direction(
-            problem, w, g, gens, sketch_size=sketch_size, sketch=sketch,
-            averaging=averaging, scaled_regularization=scaled_regularization,
-        )
-        p = step.combined.direction
-        eta = armijo_step(problem, w, p, g) if line_search else 1.0
-        w = w - eta * p
-        times.append(time.perf_counter() - start)
-        iterates.append(w)
-        etas.append(eta)
-        ess.append(step.combined.effective_sample_size)
-    stacked = torch.stack(iterates)
-    errors = torch.tensor([_relative_error(v, w_star) for v in iterates], dtype=DTYPE)
-    return SimulationResult(
-        stacked, errors, torch.tensor(etas, dtype=DTYPE), torch.tensor(times, dtype=DTYPE),
-        torch.tensor(ess, dtype=DTYPE), w_star,
-    )
+    config = SketchConfig(sketch_size, sketch, averaging, scaled_regularization, effective_dim)
+    cluster = SimulatedCluster(problem, machines=machines, config=config, shards=shards, seed=seed)
+    return run_newton(cluster, iterations=iterations, line_search=line_search, w0=w0,
+                      w_star=w_star, callback=callback)
 
 
 @dataclass(frozen=True)
@@ -232,18 +256,19 @@ def one_step_error(
     sketch: str = "uniform",
     averaging: str = "uniform",
     scaled_regularization: bool | None = None,
+    effective_dim: str = "exact",
+    shards: Sequence[Tensor] | None = None,
     seed: int = 0,
 ) -> StepError:
     """Relative error of the combined step against the exact Newton step :math:`p^* = H^{-1}g` at ``w``."""
-    w = _as_weights(problem, w)
+    w = as_weights(problem.dim, w)
     g = problem.gradient(w)
     exact = torch.linalg.solve(problem.hessian(w), g)
     norm = float(exact.norm())
     if norm == 0.0 or not math.isfinite(norm):
         raise ValueError("the exact Newton step at w is zero (w is the optimum); pick another w")
-    step = distributed_direction(
-        problem, w, g, machine_generators(seed, machines), sketch_size=sketch_size,
-        sketch=sketch, averaging=averaging, scaled_regularization=scaled_regularization,
-    )
+    config = SketchConfig(sketch_size, sketch, averaging, scaled_regularization, effective_dim)
+    cluster = SimulatedCluster(problem, machines=machines, config=config, shards=shards, seed=seed)
+    step = cluster.direction(w, g)
     p = step.combined.direction
     return StepError(float((p - exact).norm()) / norm, p, exact, step.combined.effective_sample_size)

@@ -1,0 +1,245 @@
+r"""The process group every data-parallel piece of secondorder runs on: joining it, collectives
+that fail with a clear error instead of hanging, and a launcher for local multi-process runs.
+
+Everything is plain ``torch.distributed``. Under ``torchrun`` call :func:`init_from_env` once per
+process (gloo on CPU, nccl when the process owns a GPU); tests and notebooks can use
+:func:`launch`, which starts ``world_size`` local processes joined through a file store.
+
+Failure model: every collective runs under the group's timeout. A rank that dies closes its
+connections and the others fail at once; a rank that hangs makes the others fail when the
+timeout expires. Either way they raise :class:`DistributedError` naming the collective, the
+rank and the timeout, instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import queue
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "DistributedError", "World", "all_gather_objects", "all_reduce", "current_world",
+    "init_from_env", "launch", "shutdown",
+]
+
+DEFAULT_TIMEOUT = 60.0
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class DistributedError(RuntimeError):
+    """A collective failed (another rank died, hung past the timeout, or called a different collective)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's ``rank`` in a group of ``size`` processes on ``backend`` ("none" when
+    torch.distributed is not initialized: a world of one), and the group's ``timeout`` in seconds."""
+
+    rank: int
+    size: int
+    backend: str
+    timeout: float
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend != "none"
+
+
+_TIMEOUT = {"seconds": DEFAULT_TIMEOUT}
+
+
+def current_world() -> World:
+    """The world this process is in (a world of one when torch.distributed is not initialized)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return World(0, 1, "none", _TIMEOUT["seconds"])
+    return World(dist.get_rank(), dist.get_world_size(), str(dist.get_backend()), _TIMEOUT["seconds"])
+
+
+def _check_timeout(timeout: float) -> float:
+    timeout = float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+    return timeout
+
+
+def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> World:
+    """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``); reuse it when it is already initialized.
+
+    ``backend`` defaults to nccl when CUDA is available and gloo otherwise. ``timeout`` (seconds)
+    bounds every collective: a rank that dies or hangs makes the others raise
+    :class:`DistributedError` after at most this long.
+    """
+    timeout = _check_timeout(timeout)
+    if not dist.is_available():
+        raise RuntimeError("this torch build has no torch.distributed support")
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"environment variables {', '.join(missing)} are not set; start the script with "
+                "torchrun (e.g. 'torchrun --nproc-per-node 4 script.py') or use secondorder.distributed.launch"
+            )
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    _TIMEOUT["seconds"] = timeout
+    return current_world()
+
+
+def _fail(what: str, err: BaseException) -> DistributedError:
+    world = current_world()
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return DistributedError(
+        f"rank {world.rank} of {world.size}: collective '{what}' failed ({first}). Another rank "
+        f"died, hung for more than the {world.timeout:g} s timeout, or called a different "
+        "collective; check the other ranks' errors"
+    )
+
+
+def all_reduce(tensor: Tensor, op: str = "sum", *, what: str) -> Tensor:
+    """In-place ``all_reduce`` of ``tensor`` with ``op`` ("sum", "max", "min"); returns it.
+
+    ``what`` names the collective in the error raised when it fails. In a world of one it is
+    the identity.
+    """
+    if op not in _OPS:
+        raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
+    if current_world().distributed:
+        try:
+            dist.all_reduce(tensor, op=_OPS[op])
+        except RuntimeError as err:
+            raise _fail(what, err) from err
+    return tensor
+
+
+def all_gather_objects(obj: Any, *, what: str) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a world of one)."""
+    world = current_world()
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    try:
+        dist.all_gather_object(out, obj)
+    except RuntimeError as err:
+        raise _fail(what, err) from err
+    return out
+
+
+def shutdown(*, wait: bool = True) -> None:
+    """Leave the process group (a no-op when not initialized). With ``wait``, first wait at a
+    barrier for the other ranks, so that none tears its connections down while another still
+    reads from them. Call it at the end of a ``torchrun`` script: a gloo group left to the
+    interpreter's exit can abort the process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait:
+            all_reduce(torch.zeros(1), what="shutdown barrier")
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- local launcher
+
+
+def _worker(rank: int, world_size: int, store: str, timeout: float, fn, args, results) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        _TIMEOUT["seconds"] = timeout
+        finished = False
+        try:
+            value = fn(*args)
+            finished = True
+        finally:
+            shutdown(wait=finished)
+        results.put((rank, True, pickle.dumps(value)))
+    except BaseException as err:  # noqa: BLE001 - reported to the parent with its traceback
+        results.put((rank, False, f"{type(err).__name__}: {err}\n{traceback.format_exc()}"))
+
+
+def launch(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: Sequence[Any] = (),
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` local gloo processes and return their results by rank.
+
+    ``fn`` must be importable (a module-level function) and its result picklable; inside it,
+    torch.distributed is initialized and :func:`current_world` gives the rank. Each process uses
+    one thread. If a rank raises, the others' collectives fail within ``timeout`` and this raises
+    :class:`DistributedError` with the first failing rank's error and traceback and the others'
+    first lines. A rank still running ``timeout + 2`` s after another failed (hung), or
+    ``2 * timeout + 30`` s after the start, is killed.
+    """
+    if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    timeout = _check_timeout(timeout)
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="secondorder-store-") as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, store, timeout, fn, tuple(args), results),
+                        daemon=True)
+            for r in range(int(world_size))
+        ]
+        for p in procs:
+            p.start()
+        reports = _collect(procs, results, deadline=time.monotonic() + 2 * timeout + 30,
+                           grace=timeout + 2)
+    failures = sorted((r, msg) for r, (ok, msg) in reports.items() if not ok)
+    if failures:
+        # the rank whose error is not a consequence of another's (a collective failure) goes first
+        failures.sort(key=lambda f: ("DistributedError" in f[1].splitlines()[0], f[0]))
+        rank, msg = failures[0]
+        others = "".join(f"\nrank {r}: {m.strip().splitlines()[0]}" for r, m in failures[1:])
+        raise DistributedError(f"rank {rank} of {world_size} failed: {msg.strip()}{others}")
+    return [pickle.loads(reports[r][1]) for r in range(int(world_size))]
+
+
+def _collect(procs, results, deadline: float, grace: float) -> dict[int, tuple[bool, Any]]:
+    reports: dict[int, tuple[bool, Any]] = {}
+    while len(reports) < len(procs):
+        try:
+            rank, ok, payload = results.get(timeout=0.2)
+            reports[rank] = (ok, payload)
+            if not ok:
+                deadline = min(deadline, time.monotonic() + grace)
+            continue
+        except queue.Empty:
+            pass
+        for r, p in enumerate(procs):
+            if r not in reports and p.exitcode is not None and results.empty():
+                time.sleep(0.2)  # let a report sent just before exit arrive
+                if results.empty():
+                    reports[r] = (False, f"the process exited with code {p.exitcode} without a result")
+                    deadline = min(deadline, time.monotonic() + grace)
+        if time.monotonic() > deadline:
+            for r, p in enumerate(procs):
+                if r not in reports:
+                    p.kill()
+                    reports[r] = (False, "hung: killed while still running after the others had stopped")
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    return reports

@@ -1,0 +1,113 @@
+r"""Distributed Newton on real processes: one machine per ``torch.distributed`` rank.
+
+Rank k holds its data shard only (a :class:`~secondorder.newton.problems.GLMProblem` on its
+rows) and runs machine k of :class:`~secondorder.newton.simulator.SimulatedCluster` with shards:
+the same sketches from the same generator ``(seed, k)``, hence the same iterates. Per iteration
+(:func:`~secondorder.newton.engine.run_newton`):
+
+* the gradient: one all-reduce of :math:`\sum_{j \in \text{shard}} \ell'_j x_j` (d floats);
+* :math:`d_\lambda`: an all-reduce of the shards' Gram matrices (d² floats, ``"exact"``) or of
+  the shards' own :math:`d_\lambda` (1 float, ``"estimated"``);
+* determinantal averaging: a MAX all-reduce of the log-determinants (1 float);
+* the combined direction: one all-reduce of :math:`[a_k\hat p_k, a_k e_k]` (d + q floats, which
+  also gives every rank all machines' weights);
+* the line search: one all-reduce of the loss sums at w and all trial steps (61 floats).
+
+Launch with ``torchrun`` (each process calls
+:func:`secondorder.distributed.init_from_env`) or :func:`secondorder.distributed.launch`.
+Bad input (m <= d, an empty shard, labels outside the loss's domain, non-finite features, a
+number of shards that is not the world size) raises on the rank that has it before any
+communication; ranks that disagree on the dimension, λ, the loss or the configuration all raise
+at the first collective, a handshake. A rank that dies or hangs makes the others raise
+:class:`~secondorder.distributed.DistributedError` within the group's timeout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from secondorder.distributed import all_gather_objects, all_reduce, current_world
+from secondorder.newton.combine import combined_direction, machine_weights
+from secondorder.newton.engine import DistributedStep
+from secondorder.newton.problems import DTYPE, GLMProblem, effective_dimension, gram_effective_dimension
+from secondorder.newton.simulator import SketchConfig, check_shards, machine_generator
+
+
+class ProcessCluster:
+    """This rank's machine of a q-process run; implements :class:`~secondorder.newton.engine.Cluster`.
+
+    ``shard`` is the rank's own problem (its rows, the global λ). All ranks must pass the same
+    ``config`` and ``seed``.
+    """
+
+    def __init__(self, shard: GLMProblem, *, config: SketchConfig, seed: int = 0) -> None:
+        config.check(shard.dim)
+        world = current_world()
+        self.rank, self.machines = world.rank, world.size
+        self.shard, self.config = shard, config
+        self.dim, self.lam = shard.dim, shard.lam
+        self.generator = machine_generator(seed, self.rank)
+        mine = {"d": shard.dim, "lam": shard.lam, "loss": type(shard).__name__,
+                "config": asdict(config), "seed": int(seed)}
+        everyone = all_gather_objects({**mine, "n": shard.num_samples}, what="handshake")
+        for key in mine:
+            values = [r[key] for r in everyone]
+            if any(v != values[0] for v in values):
+                raise ValueError(
+                    f"the ranks disagree on {key}: " + ", ".join(f"rank {k}: {v}" for k, v in enumerate(values))
+                    + "; every rank must run the same problem and configuration"
+                )
+        self.num_samples = sum(r["n"] for r in everyone)
+
+    @classmethod
+    def from_shards(cls, problem: GLMProblem, shards: Sequence[Tensor], *, config: SketchConfig,
+                    seed: int = 0) -> "ProcessCluster":
+        """Rank k takes rows ``shards[k]`` of ``problem`` (every rank passes the same partition);
+        checks that there is one shard per rank before communicating."""
+        world = current_world()
+        if len(shards) != world.size:
+            raise ValueError(
+                f"{len(shards)} data shards for a world of {world.size} processes; give one shard "
+                "per rank (or launch as many processes as shards)"
+            )
+        parts = check_shards(shards, problem.num_samples)
+        return cls(problem.subset(parts[world.rank]), config=config, seed=seed)
+
+    def gradient(self, w: Tensor) -> Tensor:
+        total = all_reduce(self.shard.gradient_sum(w), what="gradient")
+        return total / self.num_samples + self.lam * w
+
+    def losses(self, points: Tensor) -> Tensor:
+        sums = all_reduce(self.shard.loss_sums(points), what="line-search losses")
+        return sums / self.num_samples + 0.5 * self.lam * (points**2).sum(dim=1)
+
+    def _gram(self, factor: Tensor) -> Tensor:
+        """The global :math:`A^\\top A` from this shard's factor (normalized by its own n_k)."""
+        local = factor.T @ factor * (self.shard.num_samples / self.num_samples)
+        return all_reduce(local, what="Gram matrix")
+
+    def hessian(self, w: Tensor) -> Tensor:
+        return self._gram(self.shard.hessian_factor(w)) + self.lam * torch.eye(self.dim, dtype=DTYPE)
+
+    def direction(self, w: Tensor, gradient: Tensor) -> DistributedStep:
+        factor = self.shard.hessian_factor(w)
+        if self.config.effective_dim == "exact":
+            d_lam = gram_effective_dimension(self._gram(factor), self.lam)
+        else:
+            mine = torch.tensor([effective_dimension(factor, self.lam)], dtype=DTYPE)
+            d_lam = float(all_reduce(mine, what="effective dimension")) / self.machines
+        solves, reg = self.config.local_solves([factor], self.lam, d_lam, [self.generator], gradient)
+        top = solves.logdets.clone()
+        if self.config.averaging == "determinantal":
+            all_reduce(top, "max", what="log-determinant maximum")
+        a = machine_weights(self.config.averaging, solves.logdets, float(top))
+        payload = torch.zeros(self.dim + self.machines, dtype=DTYPE)
+        payload[: self.dim] = a @ solves.directions
+        payload[self.dim + self.rank] = a[0]
+        all_reduce(payload, what="combined direction")
+        combined = combined_direction(payload[: self.dim], payload[self.dim:], reg.step_scale)
+        return DistributedStep(combined, d_lam, reg.local_lam)

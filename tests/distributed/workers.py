@@ -1,0 +1,35 @@
+"""Module-level functions the launcher runs in child processes (spawn needs importable code)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from secondorder.distributed import all_reduce, current_world
+
+
+def rank_sum() -> tuple[int, int, float]:
+    world = current_world()
+    t = torch.tensor([float(world.rank + 1)], dtype=torch.float64)
+    all_reduce(t, what="rank sum")
+    return world.rank, world.size, float(t)
+
+
+def one_rank_raises() -> None:
+    if current_world().rank == 1:
+        raise ValueError("shard 1 is empty")
+    all_reduce(torch.zeros(1), what="after the bad shard")
+
+
+def one_rank_dies() -> None:
+    if current_world().rank == 1:
+        os._exit(3)
+    all_reduce(torch.zeros(1), what="gradient")
+
+
+def one_rank_hangs() -> None:
+    if current_world().rank == 1:
+        time.sleep(600)
+    all_reduce(torch.zeros(1), what="gradient")
