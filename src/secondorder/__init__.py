@@ -7,7 +7,7 @@ batch or a whole data set, and randomized numerical linear algebra on them
 symmetric tensor.
 """
 
-from secondorder import optim
+from secondorder import optim, schedules
 from secondorder.linalg import (
     DiagonalResult,
     EigenResult,
@@ -49,6 +49,7 @@ __all__ = [
     "TraceResult",
     "as_operator",
     "optim",
+    "schedules",
     "block_eigenvalues",
     "diagonal",
     "eigenvalues",

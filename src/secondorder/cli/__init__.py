@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from secondorder.cli import analyze, newton, quantize
+from secondorder.cli import analyze, newton, quantize, train
 from secondorder.cli.common import UsageError
 from secondorder.distributed import DistributedError
 
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_parser(sub)
     quantize.add_parser(sub)
     newton.add_parser(sub)
+    train.add_parser(sub)
     return parser
 
 

@@ -47,7 +47,7 @@ def spectral_density(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     P = A.shape[0]
     m = min(num_steps, P)
-    gen = make_generator(seed, A.device)
+    gen = make_generator(seed, A)
     with ticking(A, progress, num_probes * m, "spectral density (SLQ)") as op, torch.no_grad():
         nodes, weights, used = _lanczos_quadrature(op, num_probes, m, gen, reorthogonalize)
     return SpectralDensityResult(nodes=nodes, weights=weights, dimension=P, num_matvecs=used)

@@ -108,10 +108,13 @@ def _lanczos(A, k, which, tol, max_matvecs, ncv, gen):
         start, restarts = keep, restarts + 1
 
 
-def _subspace(B: LinearOperator, k: int, tol: float, max_matvecs: int, gen, which: str, shift: float, sign: float):
-    """Block power iteration on ``sign * A + shift * I`` (given as the operator ``B``'s products)."""
-    P = B.shape[0]
-    X = torch.randn(P, k, generator=gen, device=gen.device, dtype=torch.float64).to(device=B.device, dtype=B.dtype)
+def _subspace(B: LinearOperator, k: int, tol: float, max_matvecs: int, gen, which: str, shift: float, sign: float,
+              X: Tensor | None = None):
+    """Block power iteration on ``sign * A + shift * I`` (given as the operator ``B``'s products),
+    from the block ``X`` or a random one."""
+    if X is None:
+        P = B.shape[0]
+        X = torch.randn(P, k, generator=gen, device=gen.device, dtype=torch.float64).to(device=B.device, dtype=B.dtype)
     X, _ = torch.linalg.qr(X)
     matvecs, history = 0, []
     while True:
@@ -133,15 +136,28 @@ def _subspace(B: LinearOperator, k: int, tol: float, max_matvecs: int, gen, whic
 
 
 def _power(A, k, which, tol, max_matvecs, gen):
+    """Block power iteration within ``max_matvecs`` products.
+
+    For "largest" ("smallest"): iterate on A itself with half the budget; if the k dominant
+    eigenvalues all have the wanted sign they are the wanted ones (the usual case for the top of
+    a Hessian), and the iteration continues from that block with the rest of the budget.
+    Otherwise shift, :math:`\\pm A + 1.05\\rho I` with ρ the dominant magnitude seen, so the
+    wanted end dominates, and spend the rest there.
+    """
     if which == "magnitude":
         return _subspace(A, k, tol, max_matvecs, gen, which, 0.0, 1.0)
-    # spectral radius from a loose single-vector run, then shift so the wanted end dominates
-    rho = _subspace(A, 1, 1e-2, 50, gen, "magnitude", 0.0, 1.0)
-    radius = 1.05 * float(rho[0].abs().max())
     sign = 1.0 if which == "largest" else -1.0
-    shifted = sign * A + radius * IdentityOperator(A.shape[0], A.dtype, A.device)
-    out = _subspace(shifted, k, tol, max_matvecs - rho[4], gen, which, radius, sign)
-    return out[:4] + (out[4] + rho[4],) + out[5:]
+    first = _subspace(A, k, tol, max(k, max_matvecs // 2), gen, which, 0.0, 1.0)
+    left = max(k, max_matvecs - first[4])
+    if bool((sign * first[0] > 0).all()):
+        if bool(first[3].all()) or first[4] >= max_matvecs:
+            return first
+        out = _subspace(A, k, tol, left, gen, which, 0.0, 1.0, X=first[1])
+    else:
+        radius = 1.05 * float(first[0].abs().max())
+        shifted = sign * A + radius * IdentityOperator(A.shape[0], A.dtype, A.device)
+        out = _subspace(shifted, k, tol, left, gen, which, radius, sign)
+    return out[:4] + (out[4] + first[4], out[5] + first[5] + 1, first[6] + out[6])
 
 
 def eigenvalues(
@@ -186,7 +202,7 @@ def eigenvalues(
     max_matvecs = max(500, 50 * k) if max_matvecs is None else max_matvecs
     if max_matvecs < 1:
         raise ValueError(f"max_matvecs must be >= 1, got {max_matvecs}")
-    gen = make_generator(seed, A.device)
+    gen = make_generator(seed, A)
     with ticking(A, progress, max_matvecs, f"eigenvalues ({method})") as op, torch.no_grad():
         if method == "lanczos":
             out = _lanczos(op, k, which, tol, max_matvecs, ncv, gen)

@@ -13,13 +13,14 @@ from secondorder.operators.base import LinearOperator, as_operator
 Seed = int | torch.Generator | None
 
 
-def make_generator(seed: Seed, device: torch.device) -> torch.Generator:
-    """A generator from an int seed, an existing generator, or fresh OS entropy for ``None``."""
+def make_generator(seed: Seed, A: LinearOperator) -> torch.Generator:
+    """A generator on ``A``'s device from an int seed, an existing generator, or for ``None``
+    ``A.fresh_seed()`` (OS entropy; the same on every rank for a data-parallel operator)."""
     if isinstance(seed, torch.Generator):
         return seed
-    gen = torch.Generator(device=device)
+    gen = torch.Generator(device=A.device)
     if seed is None:
-        gen.seed()
+        gen.manual_seed(A.fresh_seed())
     elif isinstance(seed, int):
         gen.manual_seed(seed)
     else:
@@ -68,7 +69,7 @@ def run_estimator(
         raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(methods)}")
     estimator, minimum = methods[method]
     check_budget(num_matvecs, minimum, method)
-    gen = make_generator(seed, A.device)
+    gen = make_generator(seed, A)
     with ticking(A, progress, num_matvecs, f"{what} ({method})") as op, torch.no_grad():
         start = op.num_matvecs
         out = estimator(op, num_matvecs, gen)

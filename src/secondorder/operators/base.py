@@ -70,6 +70,11 @@ class LinearOperator:
         self.num_matvecs += V2.shape[1]
         return out if V.ndim == 2 else out.squeeze(1)
 
+    def fresh_seed(self) -> int:
+        """A new random seed for an algorithm called with ``seed=None`` (OS entropy).
+        Data-parallel operators return the same seed on every rank (a collective)."""
+        return int(torch.Generator().seed())
+
     def quadratic_forms(self, V: Tensor) -> Tensor:
         """Per-block quadratic forms ``sum_{i in b} V[i, k] (A V)[i, k]``: ``[num_blocks, K]``.
 
@@ -200,9 +205,12 @@ class ScaledOperator(LinearOperator):
     def _matmat(self, V: Tensor) -> Tensor:
         return self.scale * (self.op @ V)
 
+    def fresh_seed(self) -> int:
+        return self.op.fresh_seed()
+
 
 class SumOperator(LinearOperator):
-    """``A_1 + A_2 + ...`` (shapes must agree; blocks are taken from the first term)."""
+    """``A_1 + A_2 + ...`` (shapes must agree; blocks and :meth:`fresh_seed` come from the first term)."""
 
     def __init__(self, ops: Sequence[LinearOperator]):
         shapes = {op.shape for op in ops}
@@ -217,6 +225,9 @@ class SumOperator(LinearOperator):
         for op in self.ops[1:]:
             out = out + (op @ V)
         return out
+
+    def fresh_seed(self) -> int:
+        return self.ops[0].fresh_seed()
 
 
 class SubmatrixOperator(LinearOperator):
@@ -235,6 +246,9 @@ class SubmatrixOperator(LinearOperator):
         full = torch.zeros(V.shape[1], self.op.shape[0], dtype=V.dtype, device=V.device)
         full[:, self.span.start : self.span.stop] = V.T
         return (self.op @ full.T)[self.span.start : self.span.stop]
+
+    def fresh_seed(self) -> int:
+        return self.op.fresh_seed()
 
 
 def as_operator(A: LinearOperator | Tensor) -> LinearOperator:

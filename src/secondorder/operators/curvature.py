@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from secondorder.distributed.process_group import all_gather_objects, all_reduce, current_world
 from secondorder.operators.base import LinearOperator
 from secondorder.operators.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
 from secondorder.operators.output_hessians import output_hessian
@@ -81,6 +82,16 @@ class CurvatureOperator(LinearOperator):
         batch_size_fn: the number of samples in a batch, when the first tensor of a batch
             does not say it.
         seed: seeds the per-batch RNG for dropout masks.
+        distributed: data-parallel over the ``torch.distributed`` group: ``data`` is this rank's
+            shard, and every product, quadratic form, loss and gradient is the mean over *all*
+            ranks' samples, :math:`\\sum_r n_r C_r V / \\sum_r n_r`, by one all-reduce per call (all
+            K probes, and the sample count, in one buffer). Every rank gets the same bits, so
+            the algorithms (trace, diagonal, eigenvalues, density, solves, ``analyze``) run
+            unchanged and in lockstep as long as every rank calls them with the same arguments
+            and seeds (probes come from the seed, never from communication). Construction is
+            collective: it checks that all ranks select the same parameters. Dropout masks are
+            seeded by the rank's batch index, so they differ from a single process's on the
+            concatenated data. Without an initialized process group it is a world of one.
         backend: ``"loop"`` (one double backward per probe on the retained graph), ``"vmap"``
             (one batched backward per chunk of probes), or ``"auto"``: vmap on GPU, loop on CPU,
             as measured in ``benchmarks/README.md`` (see :func:`choose_backend`; on GPU a
@@ -112,6 +123,7 @@ class CurvatureOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         seed: int = 0,
         backend: str = "auto",
+        distributed: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -144,6 +156,52 @@ class CurvatureOperator(LinearOperator):
         self.vectorize = self.backend == "vmap"
         self.num_matvecs = 0
         self.num_samples: int | None = None  # known after the first pass over the data
+        self.distributed = bool(distributed) and current_world().distributed
+        if self.distributed:
+            self._check_same_parameters()
+
+    def _check_same_parameters(self) -> None:
+        mine = (self.param_names, tuple(p.shape for p in self.params), str(self.dtype))
+        everyone = all_gather_objects(mine, what="curvature operator handshake")
+        bad = [r for r, theirs in enumerate(everyone) if theirs != everyone[0]]
+        if bad:
+            raise ValueError(
+                f"ranks {bad} select different parameters (names, shapes or dtype) than rank 0; every rank "
+                "must build the operator on the same model and parameter selection"
+            )
+
+    def fresh_seed(self) -> int:
+        """Rank 0's fresh seed on every rank when distributed (one all-reduce), so that algorithms
+        called with ``seed=None`` draw the same probes everywhere."""
+        seed = super().fresh_seed() & ((1 << 62) - 1)
+        if not self.distributed:
+            return seed
+        shared = torch.tensor([seed if current_world().rank == 0 else 0], dtype=torch.int64, device=self.device)
+        return int(all_reduce(shared, what="shared seed"))
+
+    def _over_ranks(self, values: Tensor, *totals: float, what: str) -> tuple[Tensor, list[float]]:
+        """All-reduce the local sums ``values`` and the scalars ``totals`` (one buffer);
+        identity in a single process."""
+        if not self.distributed:
+            return values, list(totals)
+        flat = torch.cat([values.reshape(-1),
+                          torch.tensor(totals, dtype=values.dtype, device=values.device)])
+        all_reduce(flat, what=what)
+        k = values.numel()
+        return flat[:k].view_as(values), flat[k:].tolist()
+
+    def _check_same_vectors(self, checksum: float, squares: float) -> None:
+        """Raise on every rank if the ranks multiplied different vectors: the all-reduced
+        checksums c_r of the probes have zero spread iff (almost surely) all ranks agree."""
+        size = current_world().size
+        mean = checksum / size
+        spread = squares / size - mean * mean
+        if spread > 1e-5 * max(squares / size, 1.0):
+            raise ValueError(
+                "the ranks multiplied different vectors with a distributed operator: every rank must call the "
+                "same algorithms with the same arguments and seeds (an int seed, or seed=None, which the ranks "
+                "agree on; not per-rank generators)"
+            )
 
     # ---- per batch -------------------------------------------------------------------
     def _loss(self, outputs: Any, batch: Any, index: int) -> Tensor:
@@ -184,7 +242,8 @@ class CurvatureOperator(LinearOperator):
 
     # ---- data-set accumulation -------------------------------------------------------------
     def _reduce(self, rows: Tensor, out: Tensor, make_sink: Callable, name_nonfinite: bool = False) -> Tensor:
-        """``sum_b n_b * sink(C_b rows) / sum_b n_b`` into ``out``; names the first non-finite batch."""
+        """``sum_b n_b * sink(C_b rows) / sum_b n_b`` into ``out`` (over all ranks' batches when
+        distributed); names the first non-finite batch."""
         count = 0
         with untouched(self.model, self.device):
             for index, batch in seeded_batches(self.data, self.seed, self.device):
@@ -196,20 +255,25 @@ class CurvatureOperator(LinearOperator):
                 count += n
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
-        self.num_samples = count
+        check = float(rows.sum(dtype=torch.float64))
+        out, (total, checksum, squares) = self._over_ranks(out, count, check, check * check, what="curvature product")
+        if self.distributed:
+            self._check_same_vectors(checksum, squares)
+        self.num_samples = round(total)
         if not name_nonfinite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             self._reduce(rows, torch.zeros_like(out), make_sink, name_nonfinite=True)  # rare: run again to name it
-        return out.div_(count)
+        return out.div_(total)
 
     def loss_and_gradient(self, gradient: bool = True) -> tuple[float, Tensor | None]:
         """The data-set mean loss and (unless ``gradient=False``) its gradient ``[P]``.
 
         Batches are weighted by their size exactly as in the products, with the same per-batch
         seeds (dropout masks) and the model left as it was. Parameters the loss does not depend
-        on get zero gradient.
+        on get zero gradient. Distributed: over all ranks' samples, one all-reduce.
         """
         total, count = 0.0, 0
-        grad = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device) if gradient else None
+        grad = torch.zeros(self.shape[0] if gradient else 0, dtype=torch.float64 if not gradient else self.dtype,
+                           device=self.device)
         with untouched(self.model, self.device), torch.set_grad_enabled(gradient):
             for index, batch in seeded_batches(self.data, self.seed, self.device):
                 batch = to_device(batch, self.device)
@@ -223,7 +287,8 @@ class CurvatureOperator(LinearOperator):
                 count += n
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
-        self.num_samples = count
+        grad, (total, count) = self._over_ranks(grad, total, count, what="loss and gradient")
+        self.num_samples = round(count)
         return total / count, (grad.div_(count) if gradient else None)
 
     def _matmat(self, V: Tensor) -> Tensor:

@@ -1,0 +1,1 @@
+"""Tests of secondorder.schedules (ABS/ABSA adaptive batch size)."""
