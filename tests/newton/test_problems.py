@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from secondorder.newton import (
+    HessianAt,
     LogisticRegression,
     RidgeRegression,
     armijo_step,
@@ -133,3 +134,17 @@ def test_armijo_step_is_the_first_halving_that_decreases_enough():
                     if problem.loss(w - 0.5**j * p) <= problem.loss(w) - 1e-4 * 0.5**j * float(g @ p) + 1e-13)
     assert eta == expected < 1
     assert armijo_step(problem, w, -p, g) < 1e-12  # an ascent direction: at most a round-off-sized step
+
+
+@pytest.mark.parametrize("make", [logistic_problem, ridge_problem])
+def test_newton_cg_and_matrix_free_hessian(make):
+    problem = make(n=60, d=5, lam=0.01)
+    w = torch.randn(5, dtype=F64, generator=gen(3))
+    V = torch.randn(5, 2, dtype=F64, generator=gen(4))
+    torch.testing.assert_close(problem.hessian_product(w, V), problem.hessian(w) @ V, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(HessianAt(problem, w).to_dense(), problem.hessian(w), rtol=1e-13, atol=1e-15)
+    exact, cg = newton_solve(problem), newton_solve(problem, solver="cg")
+    assert cg.converged and cg.gradient_norm <= 1e-12
+    torch.testing.assert_close(cg.w, exact.w, rtol=0, atol=1e-11)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        newton_solve(problem, solver="lbfgs")

@@ -16,6 +16,7 @@ from secondorder.newton import (
     random_shards,
     poisson_sketch,
     simulate,
+    subsampled_newton,
     surrogate_sketch,
     uniform_sketch,
 )
@@ -182,3 +183,29 @@ def test_random_shards_partition_and_bad_shards():
         SimulatedCluster(problem, machines=2, config=config, shards=[torch.arange(6), torch.arange(5, 11)])
     with pytest.raises(ValueError, match="effective_dim must be one of"):
         SketchConfig(8, effective_dim="guess")
+
+
+def test_local_cg_solves_the_local_systems_of_cholesky():
+    problem = logistic_problem(n=80, d=4, lam=0.01, seed=7)
+    w = newton_solve(problem).w / 2
+    g = problem.gradient(w)
+    chol = SimulatedCluster(problem, machines=6, config=SketchConfig(12, scaled_regularization=True), seed=2)
+    cg = SimulatedCluster(problem, machines=6, seed=2,
+                          config=SketchConfig(12, scaled_regularization=True, local_solver="cg", cg_iterations=12))
+    torch.testing.assert_close(cg.direction(w, g).combined.direction, chol.direction(w, g).combined.direction,
+                               rtol=1e-10, atol=1e-12)
+    few = SimulatedCluster(problem, machines=6, seed=2, config=SketchConfig(12, local_solver="cg", cg_iterations=1))
+    one_step = few.direction(w, g).combined.direction  # one CG step: the Cauchy point along g
+    assert float((one_step - chol.direction(w, g).combined.direction).norm()) > 1e-3
+    with pytest.raises(ValueError, match="determinantal averaging needs the local log-determinants"):
+        SketchConfig(12, averaging="determinantal", local_solver="cg")
+    with pytest.raises(ValueError, match="local_solver must be one of"):
+        SketchConfig(12, local_solver="qr")
+
+
+def test_subsampled_newton_is_one_machine():
+    problem = logistic_problem(n=200, d=5, lam=0.01, seed=8)
+    run = subsampled_newton(problem, sample_size=60, iterations=8, seed=4)
+    same = simulate(problem, machines=1, sketch_size=60, iterations=8, seed=4)
+    assert torch.equal(run.iterates, same.iterates)
+    assert float(run.relative_errors[-1]) < 1e-3

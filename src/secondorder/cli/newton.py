@@ -24,7 +24,7 @@ from secondorder.newton.datasets import DATASETS, load_dataset
 from secondorder.newton.engine import EFFECTIVE_DIMS, run_newton
 from secondorder.newton.problems import LogisticRegression, effective_dimension, newton_solve
 from secondorder.newton.processes import ProcessCluster
-from secondorder.newton.simulator import SKETCHES, SimulatedCluster, SketchConfig, random_shards
+from secondorder.newton.simulator import LOCAL_SOLVERS, SKETCHES, SimulatedCluster, SketchConfig, random_shards
 
 COMBINE = ("uniform", "determinantal")
 ENGINES = ("auto", "simulator", "processes")
@@ -87,6 +87,9 @@ def add_parser(sub) -> None:
                    help="local lambda' = lambda (1 - d_lambda/m) (default: on for surrogate, off otherwise)")
     s.add_argument("--effective-dim", choices=EFFECTIVE_DIMS, default="exact",
                    help="d_lambda of the global Hessian or the machines' estimate (default: exact)")
+    s.add_argument("--local-solver", choices=LOCAL_SOLVERS, default="cholesky",
+                   help="machines solve exactly (cholesky) or by GIANT's matrix-free CG (default: cholesky)")
+    s.add_argument("--cg-iterations", type=int, default=10, help="CG steps per local solve (default: 10)")
     s.add_argument("--line-search", action=argparse.BooleanOptionalAction, default=True,
                    help="Armijo backtracking on the global loss (default: on; off = unit steps)")
     s.add_argument("--iterations", type=int, default=10, help="Newton iterations (default: 10)")
@@ -135,7 +138,12 @@ def _config(args, d: int, machines: int) -> SketchConfig:
     if args.sketch == "surrogate" and args.scaled_regularization is False:
         raise UsageError("--sketch surrogate is defined with the scaled regularizer; "
                          "drop --no-scaled-regularization")
-    return SketchConfig(m, args.sketch, args.combine, args.scaled_regularization, args.effective_dim)
+    if args.local_solver == "cg" and args.combine == "determinantal":
+        raise UsageError("--combine determinantal needs the local log-determinants; use --local-solver cholesky")
+    if args.cg_iterations < 1:
+        raise UsageError(f"--cg-iterations must be >= 1, got {args.cg_iterations}")
+    return SketchConfig(m, args.sketch, args.combine, args.scaled_regularization, args.effective_dim,
+                        args.local_solver, args.cg_iterations)
 
 
 def _cluster(args, engine: str, problem):
@@ -232,6 +240,7 @@ def _run(args, engine: str, problem) -> tuple[dict | None, str]:
                "engine": engine, "machines": cluster.machines, "sharded": engine == "processes" or args.sharded,
                "sketch_size": config.sketch_size, "sketch": config.sketch, "combine": config.averaging,
                "scaled_regularization": config.scaled_regularization, "effective_dim": config.effective_dim,
+               "local_solver": config.local_solver,
                "iterations": args.iterations, "seed": args.seed, "line_search": args.line_search, "w0": "zeros"}
     summary = {
         "context": context,

@@ -22,6 +22,7 @@ from secondorder.newton.combine import (
     combine,
     determinantal_weights,
     local_directions,
+    local_directions_cg,
     scaled_regularization,
     sketched_hessians,
 )
@@ -34,6 +35,7 @@ from secondorder.newton.engine import (
 )
 from secondorder.newton.problems import (
     GLMProblem,
+    HessianAt,
     LogisticRegression,
     NewtonResult,
     RidgeRegression,
@@ -53,6 +55,7 @@ from secondorder.newton.simulator import (
     one_step_error,
     random_shards,
     simulate,
+    subsampled_newton,
 )
 from secondorder.newton.sketches import (
     RidgeDPP,
@@ -69,14 +72,14 @@ from secondorder.newton.sketches import (
 )
 
 __all__ = [
-    "Cluster", "CombinedDirection", "DistributedStep", "GLMProblem", "IterationRecord",
+    "Cluster", "CombinedDirection", "DistributedStep", "GLMProblem", "HessianAt", "IterationRecord",
     "LocalSolves", "LogisticRegression", "NewtonResult", "NewtonRun", "ProcessCluster",
     "RidgeDPP", "RidgeRegression", "RowSketch", "ScaledRegularization", "SimulatedCluster",
     "SketchConfig", "StepError", "armijo_step", "combine", "determinantal_weights",
     "draw_sketches", "effective_dimension", "gaussian_sketch", "gram_effective_dimension",
-    "less_sketch", "leverage_sketch", "local_directions", "machine_generator",
+    "less_sketch", "leverage_sketch", "local_directions", "local_directions_cg", "machine_generator",
     "machine_generators", "newton_solve", "one_step_error", "poisson_sketch", "random_shards",
     "ridge_leverage_scores", "row_probabilities", "run_newton", "sample_rows",
-    "scaled_regularization", "simulate", "sketched_hessians", "surrogate_sketch",
+    "scaled_regularization", "simulate", "sketched_hessians", "subsampled_newton", "surrogate_sketch",
     "uniform_sketch",
 ]

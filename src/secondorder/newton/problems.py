@@ -33,6 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from secondorder.linalg.solve import solve
+from secondorder.operators.base import Block, LinearOperator
+
 DTYPE = torch.float64
 
 
@@ -156,6 +159,12 @@ class GLMProblem:
         c = self.curvatures(w)
         return self.features * (c.clamp_min(0.0).sqrt() / math.sqrt(self.num_samples))[:, None]
 
+    def hessian_product(self, w: Tensor, V: Tensor) -> Tensor:
+        """:math:`H(w)V = \\frac1n X^\\top(\\ell'' \\odot XV) + \\lambda V` for V [d] or [d, K], matrix-free."""
+        c = self.curvatures(w)
+        XV = self.features @ V
+        return self.features.T @ (c.reshape(-1, *([1] * (XV.ndim - 1))) * XV) / self.num_samples + self.lam * V
+
     def hessian(self, w: Tensor) -> Tensor:
         """:math:`H(w) = A(w)^\\top A(w) + \\lambda I` (d x d)."""
         a = self.hessian_factor(w)
@@ -255,17 +264,42 @@ def armijo_step(
     return float(etas[ok][0]) if bool(ok.any()) else 0.0
 
 
+class HessianAt(LinearOperator):
+    """:math:`H(w)` of a GLM problem as a matrix-free operator (products by
+    :meth:`GLMProblem.hessian_product`), for the curvature core's solvers and eigensolvers."""
+
+    def __init__(self, problem: GLMProblem, w: Tensor):
+        self.problem, self.w = problem, _as_weights(problem, w)
+        self.shape = (problem.dim, problem.dim)
+        self.dtype, self.device = DTYPE, torch.device("cpu")
+        self.blocks = (Block("w", 0, problem.dim),)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.problem.hessian_product(self.w, V)
+
+
+SOLVERS = ("exact", "cg")
+
+
 def newton_solve(
     problem: GLMProblem,
     w0: Tensor | None = None,
     *,
     tol: float = 1e-12,
     max_iter: int = 100,
+    solver: str = "exact",
 ) -> NewtonResult:
-    """Exact damped Newton, :math:`w \\leftarrow w - \\eta H^{-1} g` with Armijo backtracking,
-    until :math:`\\|\\nabla L(w)\\| \\le` ``tol``. Starts from ``w0`` (default 0)."""
+    """Damped Newton, :math:`w \\leftarrow w - \\eta p` with :math:`p \\approx H^{-1} g` and Armijo
+    backtracking, until :math:`\\|\\nabla L(w)\\| \\le` ``tol``. Starts from ``w0`` (default 0).
+
+    ``solver="exact"`` solves with the dense Hessian; ``"cg"`` is Newton-CG (truncated Newton,
+    Nocedal & Wright §7.1): conjugate gradients on matrix-free Hessian-vector products to the
+    relative residual :math:`\\min(0.5, \\sqrt{\\|g\\|})`, superlinear near the optimum.
+    """
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     w = torch.zeros(problem.dim, dtype=DTYPE) if w0 is None else _as_weights(problem, w0).clone()
     g = problem.gradient(w)
     for it in range(max_iter + 1):
@@ -274,7 +308,10 @@ def newton_solve(
             return NewtonResult(w, gnorm, it, True)
         if it == max_iter:
             break
-        p = torch.linalg.solve(problem.hessian(w), g)
+        if solver == "exact":
+            p = torch.linalg.solve(problem.hessian(w), g)
+        else:
+            p = solve(HessianAt(problem, w), g, tol=min(0.5, math.sqrt(gnorm))).solution
         eta = armijo_step(problem, w, p, g)
         if eta == 0.0:
             break

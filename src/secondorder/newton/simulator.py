@@ -36,7 +36,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from secondorder.newton.combine import AVERAGING, combine, local_directions, local_regularization, sketched_hessians
+from secondorder.newton.combine import (
+    AVERAGING,
+    combine,
+    local_directions,
+    local_directions_cg,
+    local_regularization,
+    sketched_hessians,
+    stacked_rows,
+)
 from secondorder.newton.engine import (
     EFFECTIVE_DIMS,
     DistributedStep,
@@ -58,6 +66,7 @@ from secondorder.newton.sketches import (
 )
 
 SKETCHES = ("uniform", "leverage", "poisson", "gaussian", "less", "surrogate")
+LOCAL_SOLVERS = ("cholesky", "cg")
 
 
 def machine_generator(seed: int, machine: int) -> torch.Generator:
@@ -76,13 +85,17 @@ def machine_generators(seed: int, machines: int) -> list[torch.Generator]:
 @dataclass(frozen=True)
 class SketchConfig:
     """What every machine does: ``sketch`` of ``sketch_size`` rows, ``averaging``, scaled
-    regularization on or off, and how :math:`d_\\lambda` is obtained. Validated on creation."""
+    regularization on or off, how :math:`d_\\lambda` is obtained, and the local solver
+    (``"cholesky"``: exact, with log-determinants; ``"cg"``: GIANT's ``cg_iterations`` steps of
+    matrix-free conjugate gradients). Validated on creation."""
 
     sketch_size: int
     sketch: str = "uniform"
     averaging: str = "uniform"
     scaled_regularization: bool | None = None
     effective_dim: str = "exact"
+    local_solver: str = "cholesky"
+    cg_iterations: int = 10
 
     def __post_init__(self) -> None:
         if self.sketch not in SKETCHES:
@@ -91,6 +104,11 @@ class SketchConfig:
             raise ValueError(f"averaging must be one of {AVERAGING}, got {self.averaging!r}")
         if self.effective_dim not in EFFECTIVE_DIMS:
             raise ValueError(f"effective_dim must be one of {EFFECTIVE_DIMS}, got {self.effective_dim!r}")
+        if self.local_solver not in LOCAL_SOLVERS:
+            raise ValueError(f"local_solver must be one of {LOCAL_SOLVERS}, got {self.local_solver!r}")
+        if self.local_solver == "cg" and self.averaging == "determinantal":
+            raise ValueError("determinantal averaging needs the local log-determinants, which CG does not give; "
+                             "use local_solver='cholesky'")
         scaled = self.scaled_regularization
         if self.sketch == "surrogate":
             if scaled is False:
@@ -115,6 +133,8 @@ class SketchConfig:
         else:
             sketches = [draw_sketches(f, self.sketch_size, lam, self.sketch, [g])[0]
                         for f, g in zip(factors, generators)]
+        if self.local_solver == "cg":
+            return local_directions_cg(stacked_rows(sketches), reg.local_lam, gradient, self.cg_iterations), reg
         return local_directions(sketched_hessians(sketches, reg.local_lam), gradient), reg
 
 
@@ -235,6 +255,24 @@ def simulate(
     cluster = SimulatedCluster(problem, machines=machines, config=config, shards=shards, seed=seed)
     return run_newton(cluster, iterations=iterations, line_search=line_search, w0=w0,
                       w_star=w_star, callback=callback)
+
+
+def subsampled_newton(
+    problem: GLMProblem,
+    *,
+    sample_size: int,
+    iterations: int = 10,
+    line_search: bool = True,
+    w0: Tensor | None = None,
+    w_star: Tensor | None = None,
+    seed: int = 0,
+) -> NewtonRun:
+    """Sub-sampled Newton (Roosta-Khorasani & Mahoney 2016; Bollapragada, Byrd & Nocedal 2016):
+    exact gradient, Hessian from ``sample_size`` rows drawn uniformly each iteration,
+    :math:`w \\leftarrow w - \\eta\\,\\hat H^{-1} g` with Armijo backtracking. It is the
+    one-machine case of the simulator."""
+    return simulate(problem, machines=1, sketch_size=sample_size, iterations=iterations,
+                    line_search=line_search, w0=w0, w_star=w_star, seed=seed)
 
 
 @dataclass(frozen=True)
