@@ -1,13 +1,18 @@
 """Data-parallel second-order computation on ``torch.distributed``.
 
 * :mod:`~secondorder.distributed.process_group`: joining the group (``torchrun`` or the local
-  :func:`launch`), collectives with clear errors and timeouts.
+  :func:`launch`), collectives with clear errors and timeouts, the ranks' handshake (:func:`agree`).
+* :mod:`~secondorder.distributed.optim`: the bucketed all-reduce behind the data-parallel steps
+  of :mod:`secondorder.optim` (AdaHessian, SophiaH, SophiaG).
+
+The data-parallel curvature operators are ``HessianOperator``/``GGNOperator(..., distributed=True)``.
 """
 
 from secondorder.distributed.process_group import (
     DEFAULT_TIMEOUT,
     DistributedError,
     World,
+    agree,
     all_gather_objects,
     all_reduce,
     current_world,
@@ -15,8 +20,9 @@ from secondorder.distributed.process_group import (
     launch,
     shutdown,
 )
+from secondorder.distributed.optim import sum_over_ranks
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "DistributedError", "World", "all_gather_objects", "all_reduce", "current_world",
-    "init_from_env", "launch", "shutdown",
+    "DEFAULT_TIMEOUT", "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",
+    "init_from_env", "launch", "shutdown", "sum_over_ranks",
 ]

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "DistributedError", "World", "all_gather_objects", "all_reduce", "current_world",
+    "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",
     "init_from_env", "launch", "shutdown",
 ]
 
@@ -149,6 +149,19 @@ def shutdown(*, wait: bool = True) -> None:
             all_reduce(torch.zeros(1), what="shutdown barrier")
     finally:
         dist.destroy_process_group()
+
+
+def agree(facts: dict[str, Any], *, what: str, advice: str) -> None:
+    """Raise ``ValueError`` on every rank, naming the first fact the ranks disagree on and each
+    rank's value, unless all ranks passed equal ``facts`` (one ``all_gather_object``)."""
+    everyone = all_gather_objects(facts, what=what)
+    for key in facts:
+        values = [f[key] for f in everyone]
+        if any(v != values[0] for v in values):
+            raise ValueError(
+                f"the ranks disagree on {key}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                + f"; {advice}"
+            )
 
 
 # --------------------------------------------------------------------------- local launcher

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from secondorder.distributed import all_gather_objects, all_reduce, current_world
+from secondorder.distributed import agree, all_reduce, current_world
 from secondorder.newton.combine import combined_direction, machine_weights
 from secondorder.newton.engine import DistributedStep
 from secondorder.newton.problems import DTYPE, GLMProblem, effective_dimension, gram_effective_dimension
@@ -51,17 +51,10 @@ class ProcessCluster:
         self.shard, self.config = shard, config
         self.dim, self.lam = shard.dim, shard.lam
         self.generator = machine_generator(seed, self.rank)
-        mine = {"d": shard.dim, "lam": shard.lam, "loss": type(shard).__name__,
-                "config": asdict(config), "seed": int(seed)}
-        everyone = all_gather_objects({**mine, "n": shard.num_samples}, what="handshake")
-        for key in mine:
-            values = [r[key] for r in everyone]
-            if any(v != values[0] for v in values):
-                raise ValueError(
-                    f"the ranks disagree on {key}: " + ", ".join(f"rank {k}: {v}" for k, v in enumerate(values))
-                    + "; every rank must run the same problem and configuration"
-                )
-        self.num_samples = sum(r["n"] for r in everyone)
+        agree({"d": shard.dim, "lam": shard.lam, "loss": type(shard).__name__, "config": asdict(config),
+               "seed": int(seed)}, what="handshake", advice="every rank must run the same problem and configuration")
+        total = torch.tensor([shard.num_samples], dtype=torch.int64)
+        self.num_samples = int(all_reduce(total, what="number of samples"))
 
     @classmethod
     def from_shards(cls, problem: GLMProblem, shards: Sequence[Tensor], *, config: SketchConfig,

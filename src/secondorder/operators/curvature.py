@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from secondorder.distributed.process_group import all_gather_objects, all_reduce, current_world
+from secondorder.distributed.process_group import agree, all_reduce, current_world
 from secondorder.operators.base import LinearOperator
 from secondorder.operators.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
 from secondorder.operators.output_hessians import output_hessian
@@ -161,14 +161,10 @@ class CurvatureOperator(LinearOperator):
             self._check_same_parameters()
 
     def _check_same_parameters(self) -> None:
-        mine = (self.param_names, tuple(p.shape for p in self.params), str(self.dtype))
-        everyone = all_gather_objects(mine, what="curvature operator handshake")
-        bad = [r for r, theirs in enumerate(everyone) if theirs != everyone[0]]
-        if bad:
-            raise ValueError(
-                f"ranks {bad} select different parameters (names, shapes or dtype) than rank 0; every rank "
-                "must build the operator on the same model and parameter selection"
-            )
+        agree({"parameters (names, shapes, dtype)": (self.param_names, [tuple(p.shape) for p in self.params],
+                                                     str(self.dtype))},
+              what="curvature operator handshake",
+              advice="every rank must build the operator on the same model and parameter selection")
 
     def fresh_seed(self) -> int:
         """Rank 0's fresh seed on every rank when distributed (one all-reduce), so that algorithms

@@ -83,6 +83,10 @@ class AdaHessian(SecondOrderOptimizer):
         grad_scaler: a ``torch.amp.GradScaler`` for float16 autocast: the loss is scaled before
             differentiating and the gradient and curvature are unscaled before use (no scale leaks
             into the denominator); an overflow skips the step and backs the scale off.
+        distributed: ``"auto"`` averages gradient and ``z * Hz`` over the ranks whenever
+            torch.distributed runs more than one process (every rank draws the same ``z``);
+            ``True`` requires that, ``False`` never communicates. See
+            :class:`~secondorder.optim.base.SecondOrderOptimizer`.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class AdaHessian(SecondOrderOptimizer):
         num_probes: int = 1,
         seed: int = 0,
         grad_scaler: torch.amp.GradScaler | None = None,
+        distributed: bool | str = "auto",
     ):
         validate_common(lr, betas, eps, weight_decay)
         if not 0.0 <= hessian_power <= 1.0:
@@ -113,7 +118,7 @@ class AdaHessian(SecondOrderOptimizer):
             raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
                         block_size=block_size)
-        super().__init__(params, defaults, update_each, seed, grad_scaler)
+        super().__init__(params, defaults, update_each, seed, grad_scaler, distributed)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim == 2 and group["block_size"] and p.shape[1] % group["block_size"]:
@@ -122,6 +127,9 @@ class AdaHessian(SecondOrderOptimizer):
                         f"shape {list(p.shape)}; choose a divisor or put that parameter in a group with block_size=None"
                     )
         self.estimator, self.num_probes = estimator, num_probes
+
+    def _settings(self) -> dict:
+        return {**super()._settings(), "estimator": self.estimator, "num_probes": self.num_probes}
 
     # ---- curvature --------------------------------------------------------------------
     def _curvature(self, loss: Tensor, params: list[Tensor]) -> tuple[tuple, list[Tensor]]:

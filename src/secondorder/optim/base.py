@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from secondorder.distributed.optim import gather_counts, sum_over_ranks
+from secondorder.distributed.process_group import World, agree, current_world
 
 Closure = Callable[[], Tensor]
 """Returns the mean loss of the current batch; it must not call ``backward``."""
@@ -96,15 +100,45 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     step equals the full-batch one. With a ``grad_scaler`` (``torch.amp.GradScaler``) the loss is
     scaled before differentiating and gradient and raw curvature are unscaled before use (no
     scale leaks into a denominator); an overflow skips the step and backs the scale off, and the
-    scale grows after ``growth_interval`` good steps, through the scaler's public API. Probes come from the optimizer's own ``generator`` (seeded by
-    ``seed``), which ``state_dict`` saves with the step counters: a resumed run is bitwise identical.
+    scale grows after ``growth_interval`` good steps, through the scaler's public API. Probes come
+    from the optimizer's own ``generator`` (seeded by ``seed``), which ``state_dict`` saves with
+    the step counters: a resumed run is bitwise identical.
+
+    Data parallelism (``distributed``): with ``"auto"`` (default), whenever torch.distributed is
+    initialized with more than one process, every step averages over the ranks, with equal
+    weights, the gradient, the raw curvature quantities and the loss of all ``n W`` micro-batches
+    (``W`` ranks, each passing the same number ``n`` of closures on its own shard). The local sums
+    travel in one bucketed all-reduce per step (:func:`~secondorder.distributed.optim.sum_over_ranks`:
+    gradient and curvature in the same buffers on refresh steps). Every rank draws the same
+    probes from its own copy of the generator (same ``seed``), never communicated, so with
+    equal-size shards ``B_r`` of a batch ``B``, ``(1/W) sum_r grad mean_{B_r} l = grad mean_B l``
+    and ``(1/W) sum_r z * H_r z = z * H_B z``: the step is the single-process step on the
+    concatenated batch (up to rounding) and all ranks keep identical parameters and state (with
+    several closures per rank: the batch ordered micro-batch by micro-batch, each micro-batch's
+    shards in rank order, which matters for SophiaG's sampled labels only). ``True`` requires an
+    initialized process group; ``False`` never communicates (each rank steps on its own data).
+    The first data-parallel step (and the first after :meth:`load_state_dict`) checks, in one
+    ``all_gather_object``, that the ranks agree on the parameters' shapes and dtypes, the
+    hyperparameters, the seed, the step counters and the generator state; any disagreement, or
+    ranks passing different numbers of closures, raises ``ValueError`` on every rank. A rank that
+    fails or dies makes the others raise :class:`~secondorder.distributed.DistributedError`
+    within the group's timeout. The model may be wrapped in ``DistributedDataParallel`` or not:
+    DDP's gradient hooks run on ``backward()`` only, so under ``torch.autograd.grad`` its reducer
+    stays idle (its forward still broadcasts buffers) and this step does the averaging.
     """
 
     same_probes_per_micro_batch = True
     """Hutchinson estimators draw one probe set per step and apply it to every micro-batch."""
 
-    def __init__(self, params, defaults: dict, every: int, seed: int, grad_scaler=None):
+    def __init__(self, params, defaults: dict, every: int, seed: int, grad_scaler=None,
+                 distributed: bool | str = "auto"):
+        if not (distributed is True or distributed is False or distributed == "auto"):
+            raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
         super().__init__(params, defaults)
+        self.distributed = distributed
+        self._agreed_world: int | None = None  # world size of the last successful handshake
+        self._world: World | None = None  # the data-parallel world of the step in progress (None: local)
+        self._num_closures = 0  # of the step in progress
         self.every, self.seed = every, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.num_steps = 0
@@ -160,6 +194,85 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
         return states
 
+    def _settings(self) -> dict:
+        """Options outside the parameter groups that every rank must share."""
+        return {"every": self.every}
+
+    def _data_parallel_world(self) -> World | None:
+        """The world the step averages over, or None for a local step."""
+        world = current_world()
+        if self.distributed is True and not world.distributed:
+            raise ValueError(
+                "distributed=True but torch.distributed is not initialized: call "
+                "secondorder.distributed.init_from_env() first (under torchrun), or pass distributed='auto'"
+            )
+        return world if self.distributed is not False and world.size > 1 else None
+
+    def _handshake(self, world: World, params: list[Tensor]) -> None:
+        """Check once per world (and after loading a state) that every rank runs the same optimizer."""
+        if self._agreed_world == world.size:
+            return
+        name = type(self).__name__
+        agree({
+            "optimizer": name,
+            "parameters (shape, dtype, device type)": [
+                (tuple(p.shape), str(p.dtype).removeprefix("torch."), p.device.type) for p in params],
+            "hyperparameters": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "settings": self._settings(),
+            "seed": self.seed,
+            "step counters": (self.num_steps, self.num_curvature_steps, self.num_good_steps),
+            "probe generator state": hashlib.sha256(self.generator.get_state().numpy().tobytes()).hexdigest()[:16],
+            "loss scale": self.loss_scale,
+        }, what=f"{name} handshake", advice="every rank must build the same model and optimizer (same seed) "
+                                            "and load the same checkpoint")
+        self._agreed_world = world.size
+
+    def _check_closures(self, counts: list[int], step: int) -> None:
+        if any(c != counts[0] for c in counts):
+            raise ValueError(
+                f"the ranks passed different numbers of closures to step {step}: "
+                + ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+                + "; every rank must accumulate the same number of micro-batches"
+            )
+
+    def _shared_draws(self, count: int, device: torch.device) -> tuple[int, int]:
+        """``(offset, total)``: where this rank's ``count`` random draws (one per item of the
+        micro-batch in progress) lie among all ranks' draws, in rank order.
+
+        Every rank draws ``total`` numbers from its generator, which stays identical on all ranks,
+        and uses its slice, so the draws are those of one process on the concatenated micro-batch.
+        ``(0, count)`` in a local step. One all-reduce of ``2 W`` integers.
+        """
+        if self._world is None:
+            return 0, count
+        everyone = gather_counts(count, self._num_closures, device=device,
+                                 what=f"{type(self).__name__} sample counts")
+        self._check_closures([c[1] for c in everyone], self.num_steps + 1)
+        counts = [c[0] for c in everyone]
+        return sum(counts[: self._world.rank]), sum(counts)
+
+    def _sum_over_ranks(self, world: World, params: list[Tensor], losses: list[Tensor], grads: list,
+                        raw: list, refresh: bool, step: int) -> tuple[Tensor, list, list]:
+        """The loss, gradient and (on refresh steps) raw curvature summed over all ranks' micro-batches.
+
+        One bucketed all-reduce of the gradients (zeros where a rank's loss does not depend on
+        a parameter), the raw quantities, and a tail ``[loss, present per parameter, closures per
+        rank]``: a parameter keeps a ``None`` gradient only if no rank's loss depends on it.
+        """
+        loss = torch.stack(losses).sum()
+        tail = torch.zeros(1 + len(params) + world.size, dtype=loss.dtype, device=loss.device)
+        tail[0] = loss
+        tail[1 : 1 + len(params)] = torch.tensor([g is not None for g in grads], dtype=loss.dtype)
+        tail[1 + len(params) + world.rank] = len(losses)
+        local = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        summed = sum_over_ranks(local + (list(raw) if refresh else []) + [tail],
+                                what=f"{type(self).__name__} gradient and curvature")
+        tail = summed[-1]
+        present, closures = tail[1 : 1 + len(params)].tolist(), tail[1 + len(params) :].tolist()
+        self._check_closures([round(c) for c in closures], step)
+        grads = [g if here else None for g, here in zip(summed[: len(params)], present)]
+        return tail[0], grads, summed[len(params) : -1] if refresh else raw
+
     def _combine(self, raw: list, count: int) -> list:
         """Estimates from the raw quantities averaged over ``count`` micro-batches (default: as they are)."""
         return raw
@@ -169,7 +282,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Closure | Sequence[Closure] | None = None) -> Tensor:  # type: ignore[override]
         """One step: ``closure()`` computes the loss (no ``backward``, no ``zero_grad``), or a list
-        of closures, one per micro-batch. Returns the (mean) loss."""
+        of closures, one per micro-batch. Returns the (mean) loss; data-parallel, the mean over
+        all ranks' micro-batches, the same on every rank."""
         closures = [closure] if callable(closure) else list(closure or [])
         if not closures or not all(callable(c) for c in closures):
             raise ValueError(
@@ -180,8 +294,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         step = self.num_steps + 1
         refresh = (step - 1) % self.every == 0
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        probes_state = self.generator.get_state()
         self.loss_scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
+        world = self._data_parallel_world()
+        if world is not None:
+            self._handshake(world, params)
+        self._world, self._num_closures = world, len(closures)
+        probes_state = self.generator.get_state()
         losses, grads, raw = [], None, None
         with torch.enable_grad():
             for i, micro in enumerate(closures):
@@ -195,7 +313,12 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 losses.append(loss.detach())
                 grads, raw = _add(grads, g), _add(raw, r)
         n = len(closures)
-        mean_loss = losses[0] if n == 1 else torch.stack(losses).mean()
+        if world is None:
+            mean_loss = losses[0] if n == 1 else torch.stack(losses).mean()
+        else:  # sums over the n W micro-batches of all ranks
+            n *= world.size
+            loss_sum, grads, raw = self._sum_over_ranks(world, params, losses, grads, raw, refresh, step)
+            mean_loss = loss_sum / n
         if self.grad_scaler is not None:
             grads = _scale(grads, 1 / self.loss_scale)
             raw = self._unscale(raw, self.loss_scale) if refresh else raw
@@ -239,3 +362,4 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.num_steps, self.num_curvature_steps = extra["num_steps"], extra["num_curvature_steps"]
         self.num_good_steps = extra["num_good_steps"]
         self.generator.set_state(extra["generator"])
+        self._agreed_world = None  # the ranks must agree on the loaded state

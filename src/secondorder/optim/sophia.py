@@ -20,6 +20,15 @@ the curvature is non-positive or tiny the step is ``eta * sign(m)``). The diagon
 
 After every step, ``clip_fraction`` holds the fraction of coordinates whose ratio was clipped
 (the paper's tuning signal: its complement, the "win rate", should settle in 0.1-0.5).
+
+Data-parallel (``distributed="auto"``, the default, under torch.distributed with several
+processes; see :class:`~secondorder.optim.base.SecondOrderOptimizer`): :math:`g` and the raw
+estimate are averaged over the ranks in one bucketed all-reduce. SophiaH's Gaussian :math:`u` is
+drawn identically on every rank, so the average of :math:`u \odot H_r u` is :math:`u \odot Hu` of
+the concatenated batch. SophiaG averages :math:`\hat g` (not :math:`\hat g^2`) over the ranks and
+multiplies by the total number of positions; its labels come from uniforms drawn for all
+ranks' positions (each rank uses its slice, after a 2W-integer all-reduce of the counts), so
+they are the labels one process would sample for the concatenated batch.
 """
 
 from __future__ import annotations
@@ -38,14 +47,14 @@ class _Sophia(SecondOrderOptimizer):
     """Shared update, schedule and checkpointing; subclasses provide the estimate ``h_hat``."""
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float], rho: float, eps: float,
-                 weight_decay: float, k: int, seed: int, grad_scaler=None):
+                 weight_decay: float, k: int, seed: int, grad_scaler=None, distributed: bool | str = "auto"):
         validate_common(lr, betas, eps, weight_decay)
         if not rho > 0:
             raise ValueError(f"rho (the clipping scale gamma) must be positive, got {rho}")
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k (steps between curvature refreshes) must be a positive integer, got {k!r}")
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay), k, seed,
-                         grad_scaler)
+                         grad_scaler, distributed)
         self._clipped: Tensor | int = 0
         self._coordinates = 0
 
@@ -94,8 +103,8 @@ class SophiaH(_Sophia):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.01, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0,
-                 grad_scaler: torch.amp.GradScaler | None = None):
-        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed, grad_scaler)
+                 grad_scaler: torch.amp.GradScaler | None = None, distributed: bool | str = "auto"):
+        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed, grad_scaler, distributed)
 
     def _estimate(self, out, params, step):
         loss = out
@@ -127,8 +136,8 @@ class SophiaG(_Sophia):
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, eps: float = 1e-12, weight_decay: float = 0.1, k: int = 10, seed: int = 0,
-                 grad_scaler: torch.amp.GradScaler | None = None):
-        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed, grad_scaler)
+                 grad_scaler: torch.amp.GradScaler | None = None, distributed: bool | str = "auto"):
+        super().__init__(params, lr, betas, rho, eps, weight_decay, k, seed, grad_scaler, distributed)
 
     def _loss_of(self, out: object) -> object:
         if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Tensor)):
@@ -144,14 +153,17 @@ class SophiaG(_Sophia):
     def _estimate(self, out, params, step):
         loss = out[0]
         logits = out[1].reshape(-1, out[1].shape[-1])
-        # inverse-CDF sampling: one uniform per position, so micro-batches draw what the full batch would
+        # inverse-CDF sampling: one uniform per position, so micro-batches (and ranks: each uses its
+        # slice of the draws for all ranks' positions) draw what the full batch would
         cdf = torch.softmax(logits.detach().double(), dim=-1).cpu().cumsum(-1)
-        uniform = torch.rand(cdf.shape[0], 1, generator=self.generator, dtype=torch.float64) * cdf[:, -1:]
+        offset, total = self._shared_draws(cdf.shape[0], logits.device)
+        uniform = torch.rand(total, 1, generator=self.generator, dtype=torch.float64)[offset : offset + cdf.shape[0]]
+        uniform = uniform * cdf[:, -1:]
         sampled = torch.searchsorted(cdf, uniform).squeeze(1).clamp_max(cdf.shape[1] - 1).to(logits.device)
         grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
         sampled_loss = F.cross_entropy(logits, sampled) * self.loss_scale  # scaled like the loss
         g_hat = torch.autograd.grad(sampled_loss, params, allow_unused=True)
-        positions = torch.tensor(float(logits.shape[0]), dtype=loss.dtype)
+        positions = torch.tensor(float(logits.shape[0]), dtype=loss.dtype, device=loss.device)
         return loss, grads, [g if g is not None else torch.zeros_like(p) for g, p in zip(g_hat, params)] + [positions]
 
     def _combine(self, raw: list, count: int) -> list:
