@@ -5,9 +5,9 @@ On the MNIST-1D CNN (``secondorder.datasets.mnist1d``, 3018 parameters, float32)
 number of processes W (``--processes``, default 1,2,4), one ``torchrun --standalone`` job of W
 processes (gloo on CPU, one GPU per process with nccl under ``--device cuda``) times:
 
-* ``hvp``: ``secondorder.HessianOperator`` on the rank's shard, ``A @ v`` (forward, gradient
-  graph, one double backward), then the product all-reduced (``secondorder.distributed.all_reduce``)
-  and divided by W: the product of the mean loss on all ranks' samples;
+* ``hvp``: ``secondorder.HessianOperator(..., distributed=True)`` on the rank's shard, ``A @ v``
+  (forward, gradient graph, one double backward, one all-reduce of the product and the sample
+  count): the product of the mean loss on all ranks' samples;
 * ``adahessian``: one ``AdaHessian`` step (gradient and one Hutchinson product every step, one
   bucketed all-reduce);
 * ``sophiah``: one ``SophiaH`` step with k=10 (a block of 10 steps holds exactly one refresh);
@@ -62,20 +62,16 @@ LABELS = {"hvp": "Hessian-vector product (+ all-reduce)", "adahessian": "AdaHess
 # ---------------------------------------------------------------------------------------
 # one process of a torchrun job
 # ---------------------------------------------------------------------------------------
-def make_call(name: str, device: torch.device, X: torch.Tensor, y: torch.Tensor, world_size: int):
+def make_call(name: str, device: torch.device, X: torch.Tensor, y: torch.Tensor):
     """One call of operation ``name`` on a fresh copy of the model (same weights on every rank)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         model = Mnist1dCNN().to(device)
     params = list(model.parameters())
     if name == "hvp":
-        A = secondorder.HessianOperator(model, F.cross_entropy, [(X, y)])
+        A = secondorder.HessianOperator(model, F.cross_entropy, [(X, y)], distributed=True)
         v = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
-
-        def product():
-            return all_reduce(A @ v, what="hvp").div_(world_size)
-
-        return product
+        return lambda: A @ v
     if name in ("adahessian", "sophiah"):
         opt = AdaHessian(params, lr=1e-3) if name == "adahessian" else SophiaH(params, lr=1e-3, k=10)
         return lambda: opt.step(lambda: F.cross_entropy(model(X), y))
@@ -105,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
     for mode, per_rank in (("strong", args.global_batch // world.size), ("weak", args.rank_batch)):
         rows = slice(world.rank * per_rank, (world.rank + 1) * per_rank)
         X, y = X_all[rows].to(device), y_all[rows].to(device)
-        calls = {n: make_call(n, device, X, y, world.size) for n in OPERATIONS}
+        calls = {n: make_call(n, device, X, y) for n in OPERATIONS}
         for call in calls.values():  # warm-up block
             for _ in range(BLOCK):
                 call()

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def test_quickstart_runs(capsys):
@@ -19,3 +20,14 @@ def test_quickstart_runs(capsys):
     assert max(float(r.eigenvalues[0]) for r in out["layers"].values()) <= float(out["eigenvalues"].eigenvalues[0]) + 1e-6
     assert bool(out["step"].converged.all())
     assert "top-5 eigenvalues" in capsys.readouterr().out
+
+
+def test_torchrun_example_runs_on_two_processes(capsys):
+    from secondorder.distributed import launch
+    from tests.distributed import workers
+
+    ranks = launch(workers.torchrun_example, 2, (1,), timeout=120)
+    assert [r["samples"] for r in ranks] == [4000, 4000]  # the Hessian covers both shards
+    assert torch.equal(ranks[0]["parameters"], ranks[1]["parameters"])  # the replicas stayed identical
+    assert torch.equal(ranks[0]["eigenvalues"], ranks[1]["eigenvalues"]) and ranks[0]["trace"] == ranks[1]["trace"]
+    assert float(ranks[0]["eigenvalues"][0]) > 0

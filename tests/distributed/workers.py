@@ -33,3 +33,15 @@ def one_rank_hangs() -> None:
     if current_world().rank == 1:
         time.sleep(600)
     all_reduce(torch.zeros(1), what="gradient")
+
+
+def torchrun_example(epochs: int) -> dict:
+    """The torchrun example's main(), on a group the launcher started."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "torchrun_train.py"
+    spec = importlib.util.spec_from_file_location("torchrun_train", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(epochs=epochs, batch_per_rank=256)
