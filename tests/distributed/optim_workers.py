@@ -14,6 +14,8 @@ import secondorder.distributed.optim as dist_optim
 from secondorder.distributed import current_world
 from secondorder.optim import AdaHessian, SophiaG, SophiaH
 
+from .workers import error_messages
+
 N = 16  # the global batch: equal shards for 2 and 4 ranks, and two micro-batches per shard
 STEPS = 20
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -198,13 +200,7 @@ def bad_inputs() -> dict:
         lambda: step(closures=1 + rank),
         lambda: step("SophiaG", closures=1 + rank),
     ]
-    messages = []
-    for case in cases:
-        try:
-            case()
-            messages.append("no error")
-        except ValueError as err:
-            messages.append(str(err))
+    messages = error_messages(cases)
     local = train("SophiaH", CONFIGS[2][1], torch.float64, rank_shards(2, rank), distributed=False)
     return {"messages": messages, "local": local}
 

@@ -45,3 +45,16 @@ def torchrun_example(epochs: int) -> dict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main(epochs=epochs, batch_per_rank=256)
+
+
+def error_messages(cases) -> list[str]:
+    """Run each callable; collect its ValueError's message (or "no error"). The cases fail before
+    or at a collective that every rank reaches, so the group stays usable for the next one."""
+    messages = []
+    for case in cases:
+        try:
+            case()
+            messages.append("no error")
+        except ValueError as err:
+            messages.append(str(err))
+    return messages

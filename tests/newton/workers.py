@@ -10,6 +10,7 @@ import torch
 from secondorder.distributed import current_world
 from secondorder.newton import LogisticRegression, ProcessCluster, SketchConfig, run_newton
 
+from ..distributed.workers import error_messages
 from .helpers import logistic_problem, ridge_problem
 
 
@@ -50,14 +51,7 @@ def bad_inputs() -> list[str]:
         lambda: ProcessCluster.from_shards(problem, shards_of(40, 2, 0), config=SketchConfig(3)),
         lambda: ProcessCluster(problem, config=SketchConfig(9 if rank == 0 else 12)),
     ]
-    messages = []
-    for case in cases:
-        try:
-            case()
-            messages.append("no error")
-        except ValueError as err:
-            messages.append(str(err))
-    return messages
+    return error_messages(cases)
 
 
 def own_shard_with_bad_labels() -> None:
