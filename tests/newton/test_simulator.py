@@ -23,7 +23,7 @@ from secondorder.newton import (
 
 from .helpers import F64, logistic_problem
 
-SKETCHES = ["uniform", "leverage", "poisson", "gaussian", "less", "surrogate"]
+SKETCHES = ["uniform", "leverage", "poisson", "gaussian", "less", "less-uniform", "surrogate", "surrogate-leverage"]
 
 
 def single_machine_direction(problem, w, g, generator, m, sketch, scaled):
@@ -38,7 +38,10 @@ def single_machine_direction(problem, w, g, generator, m, sketch, scaled):
         "poisson": lambda: poisson_sketch(a, m, generator),
         "gaussian": lambda: gaussian_sketch(a, m, generator),
         "less": lambda: less_sketch(a, m, lam, generator),
+        "less-uniform": lambda: less_sketch(a, m, lam, generator, distribution="uniform"),
         "surrogate": lambda: surrogate_sketch(a, m, lam, generator, dpp=RidgeDPP.from_factor(a, lam)),
+        "surrogate-leverage": lambda: surrogate_sketch(a, m, lam, generator, distribution="leverage",
+                                                       dpp=RidgeDPP.from_factor(a, lam)),
     }[sketch]
     rows = make().rows
     h = rows.T @ rows + gamma * lam * torch.eye(problem.dim, dtype=F64)
@@ -52,7 +55,7 @@ def test_batched_machines_equal_sequential_machines(sketch, averaging):
     w = newton_solve(problem).w / 2
     g = problem.gradient(w)
     q, m = 5, 9
-    scaled = sketch in ("surrogate", "leverage")
+    scaled = sketch.startswith("surrogate") or sketch == "leverage"
     config = SketchConfig(m, sketch, averaging, scaled)
     step = SimulatedCluster(problem, machines=q, config=config, seed=7).direction(w, g)
     pairs = [single_machine_direction(problem, w, g, gen, m, sketch, scaled)

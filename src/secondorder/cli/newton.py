@@ -45,8 +45,9 @@ E[H^-1] != (E H)^-1, the plain average of the p_k is biased ("inversion bias"): 
 uniform the error stops improving as machines are added. --combine determinantal weights each
 p_k by det(H_k), which removes the bias for sketches whose size distribution supports it;
 --sketch surrogate (a determinant-reweighted Poisson sketch) with the scaled regularizer
-lambda' = lambda (1 - d_lambda/m) is unbiased under uniform averaging; --sketch less (sparse
-leverage-score embeddings) has a much smaller bias than row sampling. --scaled-regularization
+lambda' = lambda (1 - d_lambda/m) is unbiased under uniform averaging (surrogate-leverage draws
+its i.i.d. part by ridge leverage scores); --sketch less (sparse leverage-score embeddings;
+less-uniform: uniform non-zeros, as in Newton-LESS) has a much smaller bias than row sampling. --scaled-regularization
 applies lambda' = lambda (1 - d_lambda/m) (and scales the step by the same factor) to any
 sketch; the default is on for surrogate, off otherwise, and --no-scaled-regularization is
 refused with the surrogate sketch. d_lambda is the effective dimension tr(H_0 (H_0 + lambda I)^-1)
@@ -135,7 +136,7 @@ def _config(args, d: int, machines: int) -> SketchConfig:
     if m <= d:
         raise UsageError(f"--sketch-size must exceed the dimension d={d} of {args.dataset} "
                          f"(m <= d gives singular local Hessians), got {m}")
-    if args.sketch == "surrogate" and args.scaled_regularization is False:
+    if args.sketch.startswith("surrogate") and args.scaled_regularization is False:
         raise UsageError("--sketch surrogate is defined with the scaled regularizer; "
                          "drop --no-scaled-regularization")
     if args.local_solver == "cg" and args.combine == "determinantal":

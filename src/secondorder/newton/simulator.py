@@ -65,7 +65,9 @@ from secondorder.newton.sketches import (
     surrogate_sketch,
 )
 
-SKETCHES = ("uniform", "leverage", "poisson", "gaussian", "less", "surrogate")
+SKETCHES = ("uniform", "leverage", "poisson", "gaussian", "less", "less-uniform", "surrogate", "surrogate-leverage")
+"""Row sampling (uniform, ridge leverage, Poisson), Gaussian, LESS with leverage or uniform
+(Newton-LESS) non-zeros, and the surrogate sketch with a uniform or leverage i.i.d. part."""
 LOCAL_SOLVERS = ("cholesky", "cg")
 
 
@@ -110,7 +112,7 @@ class SketchConfig:
             raise ValueError("determinantal averaging needs the local log-determinants, which CG does not give; "
                              "use local_solver='cholesky'")
         scaled = self.scaled_regularization
-        if self.sketch == "surrogate":
+        if self.sketch.startswith("surrogate"):
             if scaled is False:
                 raise ValueError(
                     "the surrogate sketch is defined with the scaled regularizer "
@@ -150,11 +152,13 @@ def draw_sketches(
         return [poisson_sketch(factor, m, g) for g in generators]
     if sketch == "gaussian":
         return [gaussian_sketch(factor, m, g) for g in generators]
-    if sketch == "less":
-        return [less_sketch(factor, m, lam, g) for g in generators]
-    if sketch == "surrogate":
+    if sketch in ("less", "less-uniform"):
+        distribution = "uniform" if sketch == "less-uniform" else "leverage"
+        return [less_sketch(factor, m, lam, g, distribution=distribution) for g in generators]
+    if sketch in ("surrogate", "surrogate-leverage"):
         dpp = RidgeDPP.from_factor(factor, lam)
-        return [surrogate_sketch(factor, m, lam, g, dpp=dpp) for g in generators]
+        distribution = "leverage" if sketch == "surrogate-leverage" else "uniform"
+        return [surrogate_sketch(factor, m, lam, g, distribution=distribution, dpp=dpp) for g in generators]
     raise ValueError(f"sketch must be one of {SKETCHES}, got {sketch!r}")
 
 
@@ -247,7 +251,7 @@ def simulate(
 ) -> NewtonRun:
     """Run ``iterations`` of distributed sketched Newton with q = ``machines`` virtual machines.
 
-    ``scaled_regularization`` None means: on for ``sketch="surrogate"``, off otherwise.
+    ``scaled_regularization`` None means: on for the surrogate sketches, off otherwise.
     ``w_star`` defaults to the exact Newton solution (gradient norm 1e-12). See
     :func:`~secondorder.newton.engine.run_newton` for ``callback``.
     """
