@@ -61,6 +61,7 @@ def test_json_equals_summary_and_quiet_is_silent(tmp_path, capsys):
     (["--sketch", "surrogate", "--no-scaled-regularization"], "scaled regularizer"),
     (["--combine", "determinantal", "--local-solver", "cg"], "needs the local log-determinants"),
     (["--local-solver", "cg", "--cg-iterations", "0"], "--cg-iterations must be >= 1"),
+    (["--engine", "processes"], "start the script with torchrun"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

@@ -150,7 +150,10 @@ def _config(args, d: int, machines: int) -> SketchConfig:
 def _cluster(args, engine: str, problem):
     """The engine's cluster, this process's rank and the number of machines."""
     if engine == "processes":
-        world = init_from_env(timeout=args.timeout)
+        try:
+            world = init_from_env(timeout=args.timeout)
+        except RuntimeError as err:
+            raise UsageError(f"--engine processes: {err}") from err
         if args.machines is not None and args.machines != world.size:
             raise UsageError(f"--machines {args.machines} differs from the torchrun world size {world.size}; "
                              "drop --machines or launch that many processes")
