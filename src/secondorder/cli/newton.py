@@ -151,7 +151,7 @@ def _cluster(args, engine: str, problem):
     """The engine's cluster, this process's rank and the number of machines."""
     if engine == "processes":
         try:
-            world = init_from_env(timeout=args.timeout)
+            world = init_from_env("gloo", timeout=args.timeout)  # float64 CPU tensors, also on GPU nodes
         except RuntimeError as err:
             raise UsageError(f"--engine processes: {err}") from err
         if args.machines is not None and args.machines != world.size:

@@ -14,7 +14,8 @@ the same sketches from the same generator ``(seed, k)``, hence the same iterates
 * the line search: one all-reduce of the loss sums at w and all trial steps (61 floats).
 
 Launch with ``torchrun`` (each process calls
-:func:`secondorder.distributed.init_from_env`) or :func:`secondorder.distributed.launch`.
+:func:`secondorder.distributed.init_from_env` with ``"gloo"``: the problems are float64 CPU
+tensors, which nccl cannot reduce) or :func:`secondorder.distributed.launch`.
 Bad input (m <= d, an empty shard, labels outside the loss's domain, non-finite features, a
 number of shards that is not the world size) raises on the rank that has it before any
 communication; ranks that disagree on the dimension, λ, the loss or the configuration all raise
