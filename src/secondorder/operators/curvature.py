@@ -251,9 +251,11 @@ class CurvatureOperator(LinearOperator):
                 count += n
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
-        check = float(rows.sum(dtype=torch.float64))
-        out, (total, checksum, squares) = self._over_ranks(out, count, check, check * check, what="curvature product")
+        total = count
         if self.distributed:
+            check = float(rows.sum(dtype=torch.float64))
+            out, (total, checksum, squares) = self._over_ranks(out, count, check, check * check,
+                                                               what="curvature product")
             self._check_same_vectors(checksum, squares)
         self.num_samples = round(total)
         if not name_nonfinite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
