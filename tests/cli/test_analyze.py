@@ -115,3 +115,35 @@ def test_report_renders_in_headless_chromium(project):
     assert image.size == (1200, 2400)
     colours = image.getcolors(maxcolors=1 << 16)
     assert colours is not None and len(colours) > 50  # text, tables and plots, not a blank page
+
+
+ANALYZE_SMALL = ["analyze", "--epochs", "1", "--probes", "12", "--slq-probes", "1", "--slq-steps", "10",
+                 "--top-k", "2", "--bottom-k", "0", "--max-matvecs", "60", "--no-landscape", "--quiet"]
+
+
+def test_under_torchrun_ranks_share_the_batches_and_rank_0_writes_the_single_process_report(tmp_path):
+    from secondorder.distributed import launch
+
+    from . import workers
+
+    codes = launch(workers.run_main_as_torchrun_rank, 2, ([*ANALYZE_SMALL, "--out", str(tmp_path / "two")],),
+                   timeout=120)
+    assert codes == [0, 0]
+    assert main([*ANALYZE_SMALL, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())["analysis"]
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["analysis"]
+    # the same Hessian of all 4000 samples, summed in another order (float32)
+    assert two["trace"]["value"] == pytest.approx(one["trace"]["value"], rel=1e-5)
+    assert two["top"]["values"] == pytest.approx(one["top"]["values"], rel=1e-5)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+def test_too_few_batches_for_the_processes_is_a_usage_error():
+    from secondorder.cli.analyze import _my_shard
+    from secondorder.cli.common import UsageError
+    from secondorder.distributed import World
+
+    batch = (torch.zeros(2, 3), torch.zeros(2))
+    assert _my_shard([batch] * 5, World(1, 2, "gloo", 60.0)) == [batch, batch]
+    with pytest.raises(UsageError, match="has 1 batch\\(es\\) for 2 processes"):
+        _my_shard(batch, World(0, 2, "gloo", 60.0))

@@ -21,10 +21,13 @@ from secondorder.cli.common import (
     add_model_options,
     add_output_options,
     device_of,
+    join_torchrun,
     own_problem,
     parameter_names,
+    under_torchrun,
     wants_own_model,
 )
+from secondorder.distributed import shutdown
 from secondorder.environment import describe
 
 EPILOG = """\
@@ -34,6 +37,8 @@ examples:
                       --data mypkg.data:val_batches --loss cross_entropy --out report/
   secondorder analyze --checkpoint ep1.pt --checkpoint ep10.pt ...   evolution over checkpoints
   secondorder analyze --params conv1,fc --curvature ggn --json       some layers, Gauss-Newton, JSON on stdout
+  torchrun --nproc-per-node 4 -m secondorder.cli analyze --device cuda ...
+                                 4 processes (GPUs) share the analysis batches; rank 0 writes the report
 
 what the report holds (report.html, self-contained; report.md; summary.json; PNGs):
   trace        Hutch++ estimate of tr(H) with its standard error and 95% interval
@@ -110,15 +115,42 @@ def _default_model(args: argparse.Namespace, device: torch.device):
     return trained.model.to(device), F.cross_entropy, analysis_data, context, tuple(tracker.points)
 
 
-def run(args: argparse.Namespace) -> tuple[dict, str]:
+def _my_shard(data, world) -> list:
+    """Rank r's batches r, r + W, ... of the analysis data (every rank loads the same data)."""
+    batches = [data] if isinstance(data, tuple) else list(data)
+    if len(batches) < world.size:
+        raise UsageError(f"the analysis data has {len(batches)} batch(es) for {world.size} processes; "
+                         "give at least one batch per process (smaller batches, or fewer processes)")
+    return batches[world.rank :: world.size]
+
+
+def run(args: argparse.Namespace) -> tuple[dict | None, str]:
+    if not under_torchrun():
+        return _run(args, None)
+    world, finished = join_torchrun(), False
+    try:
+        out = _run(args, world)
+        finished = True
+        return out
+    finally:
+        shutdown(wait=finished)
+
+
+def _run(args: argparse.Namespace, world) -> tuple[dict | None, str]:
     device = device_of(args)
     start = time.perf_counter()
+    args.quiet = args.quiet or (world is not None and world.rank != 0)  # rank 0 shows the progress
     model, loss_fn, data, context, evolution = (_own_model if wants_own_model(args) else _default_model)(args, device)
+    if world is not None:
+        data = _my_shard(data, world)
+        context["processes"] = f"{world.size} ({world.backend}), each analyzing every {world.size}-th batch"
     analysis = analyze(model, loss_fn, data, params=parameter_names(args), curvature=args.curvature, top_k=args.top_k,
                        bottom_k=args.bottom_k, trace_matvecs=args.probes, slq_probes=args.slq_probes,
                        slq_steps=args.slq_steps, landscape=not args.no_landscape,
                        landscape_radius=args.landscape_radius, max_matvecs=args.max_matvecs, seed=args.seed,
-                       progress=not args.quiet)
+                       progress=not args.quiet, distributed=world is not None)
+    if world is not None and world.rank != 0:
+        return None, ""
     context.update({"curvature": args.curvature, "seed": args.seed, "machine": describe(device),
                     "total seconds": f"{time.perf_counter() - start:.1f}"})
     summary = write_report(analysis, args.out, title="secondorder analyze: Hessian report", context=context,

@@ -142,6 +142,21 @@ def device_of(args: argparse.Namespace) -> torch.device:
     return device
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun (or another env:// launcher) started this process as one of several ranks."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join_torchrun(backend: str | None = None, timeout: float = 120.0):
+    """Join the torchrun process group, or a one-line usage error explaining what is missing."""
+    from secondorder.distributed import init_from_env
+
+    try:
+        return init_from_env(backend, timeout=timeout)
+    except RuntimeError as err:
+        raise UsageError(str(err)) from err
+
+
 def wants_own_model(args: argparse.Namespace) -> bool:
     return bool(args.model or args.data or args.checkpoint)
 

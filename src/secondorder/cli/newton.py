@@ -14,12 +14,11 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 
 from secondorder.analysis.report import atomic_directory
-from secondorder.cli.common import UsageError, add_output_options
-from secondorder.distributed import DEFAULT_TIMEOUT, init_from_env, shutdown
+from secondorder.cli.common import UsageError, add_output_options, join_torchrun, under_torchrun
+from secondorder.distributed import DEFAULT_TIMEOUT, shutdown
 from secondorder.newton.datasets import DATASETS, load_dataset
 from secondorder.newton.engine import EFFECTIVE_DIMS, run_newton
 from secondorder.newton.problems import LogisticRegression, effective_dimension, newton_solve
@@ -111,7 +110,7 @@ def add_parser(sub) -> None:
 def _engine(args) -> str:
     if args.engine != "auto":
         return args.engine
-    return "processes" if "WORLD_SIZE" in os.environ and "RANK" in os.environ else "simulator"
+    return "processes" if under_torchrun() else "simulator"
 
 
 def _problem(args):
@@ -150,10 +149,7 @@ def _config(args, d: int, machines: int) -> SketchConfig:
 def _cluster(args, engine: str, problem):
     """The engine's cluster, this process's rank and the number of machines."""
     if engine == "processes":
-        try:
-            world = init_from_env("gloo", timeout=args.timeout)  # float64 CPU tensors, also on GPU nodes
-        except RuntimeError as err:
-            raise UsageError(f"--engine processes: {err}") from err
+        world = join_torchrun("gloo", timeout=args.timeout)  # float64 CPU tensors, also on GPU nodes
         if args.machines is not None and args.machines != world.size:
             raise UsageError(f"--machines {args.machines} differs from the torchrun world size {world.size}; "
                              "drop --machines or launch that many processes")
