@@ -197,7 +197,8 @@ def launch(
     """Run ``fn(*args)`` on ``world_size`` local gloo processes and return their results by rank.
 
     ``fn`` must be importable (a module-level function) and its result picklable; inside it,
-    torch.distributed is initialized and :func:`current_world` gives the rank. Each process uses
+    torch.distributed is initialized and :func:`current_world` gives the rank. The processes are
+    spawned, so a script calling this must do so under ``if __name__ == "__main__":``. Each process uses
     one thread. If a rank raises, the others' collectives fail within ``timeout`` and this raises
     :class:`DistributedError` with the first failing rank's error and traceback and the others'
     first lines. A rank still running ``timeout + 2`` s after another failed (hung), or
