@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from secondorder.newton.combine import CombinedDirection
-from secondorder.newton.problems import DTYPE, armijo_step, newton_solve
+from secondorder.newton.problems import DTYPE, armijo_step, as_weights, newton_solve
 
 EFFECTIVE_DIMS = ("exact", "estimated")
 
@@ -83,16 +83,6 @@ class NewtonRun:
     effective_sample_sizes: Tensor
     effective_dims: Tensor
     w_star: Tensor
-
-
-def as_weights(dim: int, w: Tensor | None) -> Tensor:
-    """``w`` as a float64 [dim] vector (zeros when None)."""
-    if w is None:
-        return torch.zeros(dim, dtype=DTYPE)
-    w = torch.as_tensor(w, dtype=DTYPE)
-    if w.shape != (dim,):
-        raise ValueError(f"w must have shape ({dim},), got {tuple(w.shape)}")
-    return w.clone()
 
 
 def reference_solution(cluster: Cluster, w_star: Tensor | None) -> Tensor:

@@ -75,11 +75,16 @@ def _check_lam(lam: float) -> float:
     return lam
 
 
-def _as_weights(problem: "GLMProblem", w: Tensor) -> Tensor:
+def _checked_weights(dim: int, w: Tensor) -> Tensor:
     w = torch.as_tensor(w, dtype=DTYPE)
-    if w.shape != (problem.dim,):
-        raise ValueError(f"w must have shape ({problem.dim},), got {tuple(w.shape)}")
+    if w.shape != (dim,):
+        raise ValueError(f"w must have shape ({dim},), got {tuple(w.shape)}")
     return w
+
+
+def as_weights(dim: int, w: Tensor | None) -> Tensor:
+    """``w`` as a new float64 [dim] vector (zeros when None), e.g. a starting point."""
+    return torch.zeros(dim, dtype=DTYPE) if w is None else _checked_weights(dim, w).clone()
 
 
 @dataclass(frozen=True)
@@ -142,16 +147,16 @@ class GLMProblem:
 
     def loss(self, w: Tensor) -> float:
         """:math:`L(w) = \\frac1n\\sum_j \\ell(x_j^\\top w, y_j) + \\frac\\lambda2\\|w\\|^2`."""
-        return float(self.losses(_as_weights(self, w)[None])[0])
+        return float(self.losses(_checked_weights(self.dim, w)[None])[0])
 
     def gradient(self, w: Tensor) -> Tensor:
         """:math:`g = \\frac1n X^\\top \\ell'(Xw, y) + \\lambda w`."""
-        w = _as_weights(self, w)
+        w = _checked_weights(self.dim, w)
         return self.gradient_sum(w) / self.num_samples + self.lam * w
 
     def curvatures(self, w: Tensor) -> Tensor:
         """:math:`\\ell''(x_j^\\top w, y_j)` for every row j (shape [n], non-negative)."""
-        w = _as_weights(self, w)
+        w = _checked_weights(self.dim, w)
         return self._second_derivative(self.features @ w)
 
     def hessian_factor(self, w: Tensor) -> Tensor:
@@ -269,7 +274,7 @@ class HessianAt(LinearOperator):
     :meth:`GLMProblem.hessian_product`), for the curvature core's solvers and eigensolvers."""
 
     def __init__(self, problem: GLMProblem, w: Tensor):
-        self.problem, self.w = problem, _as_weights(problem, w)
+        self.problem, self.w = problem, _checked_weights(problem.dim, w)
         self.shape = (problem.dim, problem.dim)
         self.dtype, self.device = DTYPE, torch.device("cpu")
         self.blocks = (Block("w", 0, problem.dim),)
@@ -300,7 +305,7 @@ def newton_solve(
         raise ValueError(f"tol must be positive, got {tol}")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    w = torch.zeros(problem.dim, dtype=DTYPE) if w0 is None else _as_weights(problem, w0).clone()
+    w = as_weights(problem.dim, w0)
     g = problem.gradient(w)
     for it in range(max_iter + 1):
         gnorm = float(g.norm())

@@ -49,10 +49,9 @@ from secondorder.newton.engine import (
     EFFECTIVE_DIMS,
     DistributedStep,
     NewtonRun,
-    as_weights,
     run_newton,
 )
-from secondorder.newton.problems import GLMProblem, effective_dimension
+from secondorder.newton.problems import GLMProblem, as_weights, effective_dimension
 from secondorder.newton.sketches import (
     RidgeDPP,
     RowSketch,
