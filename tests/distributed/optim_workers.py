@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-import secondorder.distributed.optim as dist_optim
+import secondorder.distributed.buckets as dist_buckets
 from secondorder.distributed import current_world
 from secondorder.optim import AdaHessian, SophiaG, SophiaH
 
@@ -117,17 +117,17 @@ def micro_major(size: int, micro: int) -> torch.Tensor:
 @contextlib.contextmanager
 def counting_all_reduces(counter: list[int]):
     """Count the all-reduces the optimizer step makes (through the helper module's reference)."""
-    original = dist_optim.all_reduce
+    original = dist_buckets.all_reduce
 
     def counted(*args, **kwargs):
         counter[0] += 1
         return original(*args, **kwargs)
 
-    dist_optim.all_reduce = counted
+    dist_buckets.all_reduce = counted
     try:
         yield
     finally:
-        dist_optim.all_reduce = original
+        dist_buckets.all_reduce = original
 
 
 def bucket_tensors(rank: int) -> list[torch.Tensor]:
@@ -160,7 +160,7 @@ def equivalence(runs: list[tuple[str, int]], extras: bool) -> dict:
         out["overflow"] = overflow_on_one_rank()
         counter = [0]
         with counting_all_reduces(counter):
-            out["buckets"] = dist_optim.sum_over_ranks(bucket_tensors(world.rank), what="buckets", bucket_bytes=64)
+            out["buckets"] = dist_buckets.sum_over_ranks(bucket_tensors(world.rank), what="buckets", bucket_bytes=64)
         out["all_reduces"].append(counter[0])
     return out
 

@@ -2,8 +2,8 @@
 
 * :mod:`~secondorder.distributed.process_group`: joining the group (``torchrun`` or the local
   :func:`launch`), collectives with clear errors and timeouts, the ranks' handshake (:func:`agree`).
-* :mod:`~secondorder.distributed.optim`: the bucketed all-reduce behind the data-parallel steps
-  of :mod:`secondorder.optim` (AdaHessian, SophiaH, SophiaG).
+* :mod:`~secondorder.distributed.buckets`: sums over ranks in few all-reduces, behind the
+  data-parallel optimizer steps and curvature products.
 
 The data-parallel curvature operators are ``HessianOperator``/``GGNOperator(..., distributed=True)``.
 """
@@ -20,7 +20,7 @@ from secondorder.distributed.process_group import (
     launch,
     shutdown,
 )
-from secondorder.distributed.optim import sum_over_ranks
+from secondorder.distributed.buckets import sum_over_ranks
 
 __all__ = [
     "DEFAULT_TIMEOUT", "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",

@@ -19,11 +19,13 @@ The model is differentiated in the mode it is in (``model.training`` is never ch
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
+from secondorder.distributed.buckets import sum_over_ranks
 from secondorder.distributed.process_group import agree, all_reduce, current_world
 from secondorder.operators.base import LinearOperator
 from secondorder.operators.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
@@ -180,11 +182,9 @@ class CurvatureOperator(LinearOperator):
         identity in a single process."""
         if not self.distributed:
             return values, list(totals)
-        flat = torch.cat([values.reshape(-1),
-                          torch.tensor(totals, dtype=values.dtype, device=values.device)])
-        all_reduce(flat, what=what)
-        k = values.numel()
-        return flat[:k].view_as(values), flat[k:].tolist()
+        tail = torch.tensor(totals, dtype=values.dtype, device=values.device)
+        values, tail = sum_over_ranks([values, tail], what=what, bucket_bytes=math.inf)  # one buffer
+        return values, tail.tolist()
 
     def _check_same_vectors(self, checksum: float, squares: float) -> None:
         """Raise on every rank if the ranks multiplied different vectors: the all-reduced

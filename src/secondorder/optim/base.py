@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from secondorder.distributed.optim import gather_counts, sum_over_ranks
+from secondorder.distributed.buckets import gather_counts, sum_over_ranks
 from secondorder.distributed.process_group import World, agree, current_world
 
 Closure = Callable[[], Tensor]
@@ -108,7 +108,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     initialized with more than one process, every step averages over the ranks, with equal
     weights, the gradient, the raw curvature quantities and the loss of all ``n W`` micro-batches
     (``W`` ranks, each passing the same number ``n`` of closures on its own shard). The local sums
-    travel in one bucketed all-reduce per step (:func:`~secondorder.distributed.optim.sum_over_ranks`:
+    travel in one bucketed all-reduce per step (:func:`~secondorder.distributed.buckets.sum_over_ranks`:
     gradient and curvature in the same buffers on refresh steps). Every rank draws the same
     probes from its own copy of the generator (same ``seed``), never communicated, so with
     equal-size shards ``B_r`` of a batch ``B``, ``(1/W) sum_r grad mean_{B_r} l = grad mean_B l``

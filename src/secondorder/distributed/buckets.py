@@ -1,4 +1,5 @@
-r"""The collectives behind the data-parallel optimizer step (:mod:`secondorder.optim`).
+r"""Sums over ranks in few all-reduces: the data-parallel optimizer step (:mod:`secondorder.optim`)
+and the data-parallel curvature products.
 
 With :math:`W` ranks, each passing the same number :math:`n` of closures on equal-size shards,
 the step averages over all :math:`nW` micro-batches:
@@ -26,11 +27,12 @@ BUCKET_BYTES = 25 * 2**20
 """Size cap of one all-reduce buffer (DDP's default ``bucket_cap_mb=25``)."""
 
 
-def sum_over_ranks(tensors: list[Tensor], *, what: str, bucket_bytes: int = BUCKET_BYTES) -> list[Tensor]:
+def sum_over_ranks(tensors: list[Tensor], *, what: str, bucket_bytes: float = BUCKET_BYTES) -> list[Tensor]:
     """Every tensor summed over the ranks, with one all-reduce per bucket instead of one per tensor.
 
     Tensors are grouped by (device, dtype) in order of first appearance and copied, flattened,
-    into buffers of at most ``bucket_bytes`` (a larger tensor gets a buffer of its own). The
+    into buffers of at most ``bucket_bytes`` (a larger tensor gets a buffer of its own;
+    ``math.inf``: one buffer per device and dtype). The
     results are views of the reduced buffers, shaped like the inputs, which are left unchanged.
     Every rank must pass the same shapes and dtypes in the same order. In a world of one the
     buffers are reduced by the identity.
