@@ -143,7 +143,16 @@ class GLMProblem:
         points = torch.as_tensor(points, dtype=DTYPE)
         if points.ndim != 2 or points.shape[1] != self.dim:
             raise ValueError(f"points must be [J, {self.dim}], got {tuple(points.shape)}")
-        return self.loss_sums(points) / self.num_samples + 0.5 * self.lam * (points**2).sum(dim=1)
+        return self.objective(self.loss_sums(points), points, self.num_samples)
+
+    def objective(self, loss_sums: Tensor, points: Tensor, num_samples: int) -> Tensor:
+        """:math:`L = \\frac1n\\sum_j\\ell_j + \\frac\\lambda2\\|w\\|^2` from the data terms' sums over
+        ``num_samples`` rows (this problem's, or all shards' after an all-reduce)."""
+        return loss_sums / num_samples + 0.5 * self.lam * (points**2).sum(dim=1)
+
+    def objective_gradient(self, gradient_sum: Tensor, w: Tensor, num_samples: int) -> Tensor:
+        """:math:`g = \\frac1n\\sum_j\\ell'_j x_j + \\lambda w` from the data terms' sum over ``num_samples`` rows."""
+        return gradient_sum / num_samples + self.lam * w
 
     def loss(self, w: Tensor) -> float:
         """:math:`L(w) = \\frac1n\\sum_j \\ell(x_j^\\top w, y_j) + \\frac\\lambda2\\|w\\|^2`."""
@@ -152,7 +161,7 @@ class GLMProblem:
     def gradient(self, w: Tensor) -> Tensor:
         """:math:`g = \\frac1n X^\\top \\ell'(Xw, y) + \\lambda w`."""
         w = _checked_weights(self.dim, w)
-        return self.gradient_sum(w) / self.num_samples + self.lam * w
+        return self.objective_gradient(self.gradient_sum(w), w, self.num_samples)
 
     def curvatures(self, w: Tensor) -> Tensor:
         """:math:`\\ell''(x_j^\\top w, y_j)` for every row j (shape [n], non-negative)."""

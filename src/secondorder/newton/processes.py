@@ -73,11 +73,11 @@ class ProcessCluster:
 
     def gradient(self, w: Tensor) -> Tensor:
         total = all_reduce(self.shard.gradient_sum(w), what="gradient")
-        return total / self.num_samples + self.lam * w
+        return self.shard.objective_gradient(total, w, self.num_samples)
 
     def losses(self, points: Tensor) -> Tensor:
         sums = all_reduce(self.shard.loss_sums(points), what="line-search losses")
-        return sums / self.num_samples + 0.5 * self.lam * (points**2).sum(dim=1)
+        return self.shard.objective(sums, points, self.num_samples)
 
     def _gram(self, factor: Tensor) -> Tensor:
         """The global :math:`A^\\top A` from this shard's factor (normalized by its own n_k)."""
