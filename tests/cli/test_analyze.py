@@ -138,12 +138,30 @@ def test_under_torchrun_ranks_share_the_batches_and_rank_0_writes_the_single_pro
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
+def _ranks_reducer(rank: int, size: int):
+    from secondorder.distributed import World
+    from secondorder.distributed.reducer import Reducer
+
+    class Ranks(Reducer):  # a reducer that only says which rank it is
+        world = World(rank, size, "gloo", 60.0)
+
+    return Ranks()
+
+
 def test_too_few_batches_for_the_processes_is_a_usage_error():
     from secondorder.cli.analyze import _my_shard
     from secondorder.cli.common import UsageError
-    from secondorder.distributed import World
 
     batch = (torch.zeros(2, 3), torch.zeros(2))
-    assert _my_shard([batch] * 5, World(1, 2, "gloo", 60.0)) == [batch, batch]
-    with pytest.raises(UsageError, match="has 1 batch\\(es\\) for 2 processes"):
-        _my_shard(batch, World(0, 2, "gloo", 60.0))
+    assert _my_shard([batch] * 5, _ranks_reducer(1, 2)) == [batch, batch]
+    with pytest.raises(UsageError, match="has 1 item\\(s\\) for 2 processes"):
+        _my_shard(batch, _ranks_reducer(0, 2))
+
+
+def test_a_tuple_of_batches_is_sharded_batch_by_batch():
+    """Issue 13: a --data factory returning a tuple of 4 batches gave 'has 1 batch(es) for 2 processes'."""
+    from secondorder.cli.analyze import _my_shard
+
+    batches = tuple((torch.full((2, 3), float(i)), torch.zeros(2)) for i in range(4))
+    assert _my_shard(batches, _ranks_reducer(1, 2)) == [batches[1], batches[3]]
+    assert _my_shard(batches, _ranks_reducer(0, 2)) == [batches[0], batches[2]]

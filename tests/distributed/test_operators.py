@@ -64,7 +64,7 @@ def test_single_process_distributed_flag_is_a_world_of_one():
     plain = HessianOperator(model, F.cross_entropy, shards[0])
     flagged = HessianOperator(model, F.cross_entropy, shards[0], distributed=True)
     V = torch.randn(plain.shape[0], 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    assert not flagged.distributed and torch.equal(plain @ V, flagged @ V)
+    assert not flagged.reducer.distributed and torch.equal(plain @ V, flagged @ V)
 
 
 def test_ranks_drawing_different_probes_get_a_clear_error():

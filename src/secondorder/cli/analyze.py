@@ -28,6 +28,8 @@ from secondorder.cli.common import (
     wants_own_model,
 )
 from secondorder.distributed import shutdown
+from secondorder.distributed.reducer import RankReducer, Reducer
+from secondorder.operators.data import as_batches
 from secondorder.environment import describe
 
 EPILOG = """\
@@ -115,13 +117,14 @@ def _default_model(args: argparse.Namespace, device: torch.device):
     return trained.model.to(device), F.cross_entropy, analysis_data, context, tuple(tracker.points)
 
 
-def _my_shard(data, world) -> list:
-    """Rank r's batches r, r + W, ... of the analysis data (every rank loads the same data)."""
-    batches = [data] if isinstance(data, tuple) else list(data)
-    if len(batches) < world.size:
-        raise UsageError(f"the analysis data has {len(batches)} batch(es) for {world.size} processes; "
-                         "give at least one batch per process (smaller batches, or fewer processes)")
-    return batches[world.rank :: world.size]
+def _my_shard(data, reducer: Reducer) -> list:
+    """Rank r's batches r, r + W, ... of the analysis data (every rank loads the same data; one
+    batch or a sequence of batches, by the operators' rule :func:`as_batches`)."""
+    batches = list(as_batches(data))
+    try:
+        return reducer.shard(batches, what="the analysis data (batches)")
+    except ValueError as err:
+        raise UsageError(f"{err} (smaller batches, or fewer processes)") from None
 
 
 def run(args: argparse.Namespace) -> tuple[dict | None, str]:
@@ -142,7 +145,7 @@ def _run(args: argparse.Namespace, world) -> tuple[dict | None, str]:
     args.quiet = args.quiet or (world is not None and world.rank != 0)  # rank 0 shows the progress
     model, loss_fn, data, context, evolution = (_own_model if wants_own_model(args) else _default_model)(args, device)
     if world is not None:
-        data = _my_shard(data, world)
+        data = _my_shard(data, RankReducer())
         context["processes"] = f"{world.size} ({world.backend}), each analyzing every {world.size}-th batch"
     analysis = analyze(model, loss_fn, data, params=parameter_names(args), curvature=args.curvature, top_k=args.top_k,
                        bottom_k=args.bottom_k, trace_matvecs=args.probes, slq_probes=args.slq_probes,

@@ -15,12 +15,12 @@ Seed = int | torch.Generator | None
 
 def make_generator(seed: Seed, A: LinearOperator) -> torch.Generator:
     """A generator on ``A``'s device from an int seed, an existing generator, or for ``None``
-    ``A.fresh_seed()`` (OS entropy; the same on every rank for a data-parallel operator)."""
+    ``A.reducer.shared_seed()`` (OS entropy; the same on every rank for a data-parallel operator)."""
     if isinstance(seed, torch.Generator):
         return seed
     gen = torch.Generator(device=A.device)
     if seed is None:
-        gen.manual_seed(A.fresh_seed())
+        gen.manual_seed(A.reducer.shared_seed(A.device))
     elif isinstance(seed, int):
         gen.manual_seed(seed)
     else:

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from secondorder.distributed import agree, all_reduce, current_world
+from secondorder.distributed.reducer import reducer_for
 from secondorder.newton.combine import combined_direction, machine_weights
 from secondorder.newton.engine import DistributedStep
 from secondorder.newton.problems import DTYPE, GLMProblem, effective_dimension, gram_effective_dimension
@@ -47,42 +47,45 @@ class ProcessCluster:
 
     def __init__(self, shard: GLMProblem, *, config: SketchConfig, seed: int = 0) -> None:
         config.check(shard.dim)
-        world = current_world()
-        self.rank, self.machines = world.rank, world.size
+        self.reducer = reducer_for("auto")
+        self.rank, self.machines = self.reducer.rank, self.reducer.size
         self.shard, self.config = shard, config
         self.dim, self.lam = shard.dim, shard.lam
         self.generator = machine_generator(seed, self.rank)
-        agree({"d": shard.dim, "lam": shard.lam, "loss": type(shard).__name__, "config": asdict(config),
+        self.reducer.agree({"d": shard.dim, "lam": shard.lam, "loss": type(shard).__name__, "config": asdict(config),
                "seed": int(seed)}, what="handshake", advice="every rank must run the same problem and configuration")
-        total = torch.tensor([shard.num_samples], dtype=torch.int64)
-        self.num_samples = int(all_reduce(total, what="number of samples"))
+        self.num_samples = sum(c[0] for c in self.reducer.counts(shard.num_samples, device=torch.device("cpu"),
+                                                                  what="number of samples"))
 
     @classmethod
     def from_shards(cls, problem: GLMProblem, shards: Sequence[Tensor], *, config: SketchConfig,
                     seed: int = 0) -> "ProcessCluster":
         """Rank k takes rows ``shards[k]`` of ``problem`` (every rank passes the same partition);
         checks that there is one shard per rank before communicating."""
-        world = current_world()
-        if len(shards) != world.size:
+        reducer = reducer_for("auto")
+        if len(shards) != reducer.size:
             raise ValueError(
-                f"{len(shards)} data shards for a world of {world.size} processes; give one shard "
+                f"{len(shards)} data shards for a world of {reducer.size} processes; give one shard "
                 "per rank (or launch as many processes as shards)"
             )
         parts = check_shards(shards, problem.num_samples)
-        return cls(problem.subset(parts[world.rank]), config=config, seed=seed)
+        return cls(problem.subset(parts[reducer.rank]), config=config, seed=seed)
+
+    def _sum(self, tensor: Tensor, *, what: str) -> Tensor:
+        return self.reducer.sum([tensor], what=what)[0]
 
     def gradient(self, w: Tensor) -> Tensor:
-        total = all_reduce(self.shard.gradient_sum(w), what="gradient")
+        total = self._sum(self.shard.gradient_sum(w), what="gradient")
         return self.shard.objective_gradient(total, w, self.num_samples)
 
     def losses(self, points: Tensor) -> Tensor:
-        sums = all_reduce(self.shard.loss_sums(points), what="line-search losses")
+        sums = self._sum(self.shard.loss_sums(points), what="line-search losses")
         return self.shard.objective(sums, points, self.num_samples)
 
     def _gram(self, factor: Tensor) -> Tensor:
         """The global :math:`A^\\top A` from this shard's factor (normalized by its own n_k)."""
         local = factor.T @ factor * (self.shard.num_samples / self.num_samples)
-        return all_reduce(local, what="Gram matrix")
+        return self._sum(local, what="Gram matrix")
 
     def hessian(self, w: Tensor) -> Tensor:
         return self._gram(self.shard.hessian_factor(w)) + self.lam * torch.eye(self.dim, dtype=DTYPE)
@@ -93,15 +96,15 @@ class ProcessCluster:
             d_lam = gram_effective_dimension(self._gram(factor), self.lam)
         else:
             mine = torch.tensor([effective_dimension(factor, self.lam)], dtype=DTYPE)
-            d_lam = float(all_reduce(mine, what="effective dimension")) / self.machines
+            d_lam = float(self._sum(mine, what="effective dimension")) / self.machines
         solves, reg = self.config.local_solves([factor], self.lam, d_lam, [self.generator], gradient)
-        top = solves.logdets.clone()
+        top = solves.logdets
         if self.config.averaging == "determinantal":
-            all_reduce(top, "max", what="log-determinant maximum")
+            top = self.reducer.maximum(top, what="log-determinant maximum")
         a = machine_weights(self.config.averaging, solves.logdets, float(top))
         payload = torch.zeros(self.dim + self.machines, dtype=DTYPE)
         payload[: self.dim] = a @ solves.directions
         payload[self.dim + self.rank] = a[0]
-        all_reduce(payload, what="combined direction")
+        payload = self._sum(payload, what="combined direction")
         combined = combined_direction(payload[: self.dim], payload[self.dim:], reg.step_scale)
         return DistributedStep(combined, d_lam, reg.local_lam)

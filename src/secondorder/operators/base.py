@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from secondorder.distributed.reducer import LOCAL, Reducer
+
 
 @dataclass(frozen=True)
 class Block:
@@ -48,6 +50,9 @@ class LinearOperator:
     device: torch.device
     blocks: tuple[Block, ...]
     num_matvecs: int = 0
+    reducer: Reducer = LOCAL
+    """How the operator's products are reduced: :data:`~secondorder.distributed.reducer.LOCAL`, or over
+    the ranks for a data-parallel operator; algorithms draw ``seed=None`` probes from its shared seed."""
 
     def _matmat(self, V: Tensor) -> Tensor:
         raise NotImplementedError
@@ -69,11 +74,6 @@ class LinearOperator:
         out = self._matmat(V2) if V2.shape[1] else V2.clone()
         self.num_matvecs += V2.shape[1]
         return out if V.ndim == 2 else out.squeeze(1)
-
-    def fresh_seed(self) -> int:
-        """A new random seed for an algorithm called with ``seed=None`` (OS entropy).
-        Data-parallel operators return the same seed on every rank (a collective)."""
-        return int(torch.Generator().seed())
 
     def quadratic_forms(self, V: Tensor) -> Tensor:
         """Per-block quadratic forms ``sum_{i in b} V[i, k] (A V)[i, k]``: ``[num_blocks, K]``.
@@ -201,16 +201,14 @@ class ScaledOperator(LinearOperator):
     def __init__(self, op: LinearOperator, scale: float):
         self.op, self.scale = op, scale
         self.shape, self.dtype, self.device, self.blocks = op.shape, op.dtype, op.device, op.blocks
+        self.reducer = op.reducer
 
     def _matmat(self, V: Tensor) -> Tensor:
         return self.scale * (self.op @ V)
 
-    def fresh_seed(self) -> int:
-        return self.op.fresh_seed()
-
 
 class SumOperator(LinearOperator):
-    """``A_1 + A_2 + ...`` (shapes must agree; blocks and :meth:`fresh_seed` come from the first term)."""
+    """``A_1 + A_2 + ...`` (shapes must agree; blocks and reducer come from the first term)."""
 
     def __init__(self, ops: Sequence[LinearOperator]):
         shapes = {op.shape for op in ops}
@@ -219,15 +217,13 @@ class SumOperator(LinearOperator):
         self.ops = list(ops)
         first = self.ops[0]
         self.shape, self.dtype, self.device, self.blocks = first.shape, first.dtype, first.device, first.blocks
+        self.reducer = first.reducer
 
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.ops[0] @ V
         for op in self.ops[1:]:
             out = out + (op @ V)
         return out
-
-    def fresh_seed(self) -> int:
-        return self.ops[0].fresh_seed()
 
 
 class SubmatrixOperator(LinearOperator):
@@ -241,14 +237,12 @@ class SubmatrixOperator(LinearOperator):
         self.shape = (block.size, block.size)
         self.dtype, self.device = op.dtype, op.device
         self.blocks = (Block(block.name, 0, block.size, block.params),)
+        self.reducer = op.reducer
 
     def _matmat(self, V: Tensor) -> Tensor:
         full = torch.zeros(V.shape[1], self.op.shape[0], dtype=V.dtype, device=V.device)
         full[:, self.span.start : self.span.stop] = V.T
         return (self.op @ full.T)[self.span.start : self.span.stop]
-
-    def fresh_seed(self) -> int:
-        return self.op.fresh_seed()
 
 
 def as_operator(A: LinearOperator | Tensor) -> LinearOperator:

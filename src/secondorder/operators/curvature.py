@@ -19,14 +19,13 @@ The model is differentiated in the mode it is in (``model.training`` is never ch
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from secondorder.distributed.buckets import sum_over_ranks
-from secondorder.distributed.process_group import agree, all_reduce, current_world
+from secondorder.distributed.process_group import current_world
+from secondorder.distributed.reducer import LOCAL, Reducer, reducer_for
 from secondorder.operators.base import LinearOperator
 from secondorder.operators.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
 from secondorder.operators.output_hessians import output_hessian
@@ -61,6 +60,13 @@ def choose_backend(model: nn.Module, device: torch.device, closure: bool, jvp_ca
     if jvp_capable and has_conv and not closure and _train_mode_batchnorm(model) is None:
         return "jvp"
     return "vmap"
+
+
+def _operator_reducer(distributed: bool | Reducer) -> Reducer:
+    """``True``: over the ranks when torch.distributed is initialized (a world of one otherwise)."""
+    if isinstance(distributed, Reducer):
+        return distributed
+    return reducer_for(True) if distributed and current_world().distributed else LOCAL
 
 
 class CurvatureOperator(LinearOperator):
@@ -125,7 +131,7 @@ class CurvatureOperator(LinearOperator):
         batch_size_fn: Callable[[Any], int] | None = None,
         seed: int = 0,
         backend: str = "auto",
-        distributed: bool = False,
+        distributed: bool | Reducer = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -158,46 +164,16 @@ class CurvatureOperator(LinearOperator):
         self.vectorize = self.backend == "vmap"
         self.num_matvecs = 0
         self.num_samples: int | None = None  # known after the first pass over the data
-        self.distributed = bool(distributed) and current_world().distributed
-        if self.distributed:
+        self.reducer = _operator_reducer(distributed)
+        if self.reducer.distributed:
             self._check_same_parameters()
 
     def _check_same_parameters(self) -> None:
-        agree({"parameters (names, shapes, dtype)": (self.param_names, [tuple(p.shape) for p in self.params],
-                                                     str(self.dtype))},
-              what="curvature operator handshake",
-              advice="every rank must build the operator on the same model and parameter selection")
-
-    def fresh_seed(self) -> int:
-        """Rank 0's fresh seed on every rank when distributed (one all-reduce), so that algorithms
-        called with ``seed=None`` draw the same probes everywhere."""
-        seed = super().fresh_seed() & ((1 << 62) - 1)
-        if not self.distributed:
-            return seed
-        shared = torch.tensor([seed if current_world().rank == 0 else 0], dtype=torch.int64, device=self.device)
-        return int(all_reduce(shared, what="shared seed"))
-
-    def _over_ranks(self, values: Tensor, *totals: float, what: str) -> tuple[Tensor, list[float]]:
-        """All-reduce the local sums ``values`` and the scalars ``totals`` (one buffer);
-        identity in a single process."""
-        if not self.distributed:
-            return values, list(totals)
-        tail = torch.tensor(totals, dtype=values.dtype, device=values.device)
-        values, tail = sum_over_ranks([values, tail], what=what, bucket_bytes=math.inf)  # one buffer
-        return values, tail.tolist()
-
-    def _check_same_vectors(self, checksum: float, squares: float) -> None:
-        """Raise on every rank if the ranks multiplied different vectors: the all-reduced
-        checksums c_r of the probes have zero spread iff (almost surely) all ranks agree."""
-        size = current_world().size
-        mean = checksum / size
-        spread = squares / size - mean * mean
-        if spread > 1e-5 * max(squares / size, 1.0):
-            raise ValueError(
-                "the ranks multiplied different vectors with a distributed operator: every rank must call the "
-                "same algorithms with the same arguments and seeds (an int seed, or seed=None, which the ranks "
-                "agree on; not per-rank generators)"
-            )
+        self.reducer.agree(
+            {"parameters (names, shapes, dtype)": (self.param_names, [tuple(p.shape) for p in self.params],
+                                                   str(self.dtype))},
+            what="curvature operator handshake",
+            advice="every rank must build the operator on the same model and parameter selection")
 
     # ---- per batch -------------------------------------------------------------------
     def _loss(self, outputs: Any, batch: Any, index: int) -> Tensor:
@@ -251,12 +227,7 @@ class CurvatureOperator(LinearOperator):
                 count += n
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
-        total = count
-        if self.distributed:
-            check = float(rows.sum(dtype=torch.float64))
-            out, (total, checksum, squares) = self._over_ranks(out, count, check, check * check,
-                                                               what="curvature product")
-            self._check_same_vectors(checksum, squares)
+        out, (total,) = self.reducer.sum_with_totals(out, count, what="curvature product", same=rows)
         self.num_samples = round(total)
         if not name_nonfinite and not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             self._reduce(rows, torch.zeros_like(out), make_sink, name_nonfinite=True)  # rare: run again to name it
@@ -285,7 +256,7 @@ class CurvatureOperator(LinearOperator):
                 count += n
         if count == 0:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
-        grad, (total, count) = self._over_ranks(grad, total, count, what="loss and gradient")
+        grad, (total, count) = self.reducer.sum_with_totals(grad, total, count, what="loss and gradient")
         self.num_samples = round(count)
         return total / count, (grad.div_(count) if gradient else None)
 

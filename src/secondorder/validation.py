@@ -1,0 +1,93 @@
+"""Argument checks shared by every module: each raises ``ValueError`` naming the argument, what it
+must be and what it was, and returns the checked value (so a check reads as an assignment).
+
+>>> positive_int(3, "num_probes")
+3
+>>> positive_int(0, "num_probes")
+Traceback (most recent call last):
+    ...
+ValueError: num_probes must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+from typing import Any, Collection, TypeVar
+
+from torch import Tensor
+
+__all__ = [
+    "bit_width", "non_negative", "non_negative_int", "one_of", "optional_positive_int", "positive",
+    "positive_int", "scalar_loss",
+]
+
+T = TypeVar("T")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` >= 1 (``bool`` is refused)."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def optional_positive_int(value: Any, name: str) -> int | None:
+    """``None`` or a positive integer."""
+    if value is not None and (not _is_int(value) or value < 1):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    return None if value is None else int(value)
+
+
+def non_negative_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` >= 0."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def positive(value: Any, name: str) -> float:
+    """A real number > 0 (NaN refused); ``math.inf`` is allowed."""
+    if not isinstance(value, Real) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    return float(value)
+
+
+def non_negative(value: Any, name: str) -> float:
+    """A real number >= 0 (NaN refused)."""
+    if not isinstance(value, Real) or isinstance(value, bool) or not value >= 0:
+        raise ValueError(f"{name} must be non-negative, got {value!r}")
+    return float(value)
+
+
+def one_of(value: T, name: str, options: Collection[T]) -> T:
+    """``value`` if it is one of ``options``."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def bit_width(value: Any, name: str, low: int = 1, high: int = 32) -> int:
+    """An integer bit width in ``low..high``."""
+    if not _is_int(value) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return int(value)
+
+
+def scalar_loss(loss: Any, where: str, advice: str = "return the mean loss (reduction='mean')") -> Tensor:
+    """``loss`` if it is a 0-d tensor, else an error saying ``where`` it came from and what it was.
+
+    >>> import torch
+    >>> scalar_loss(torch.ones(3), "batch 0")
+    Traceback (most recent call last):
+        ...
+    ValueError: the loss of batch 0 must be a scalar tensor, got shape [3]; return the mean loss (reduction='mean')
+    """
+    if not isinstance(loss, Tensor) or loss.ndim != 0:
+        got = f"shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"the loss of {where} must be a scalar tensor, got {got}; {advice}")
+    return loss
+
