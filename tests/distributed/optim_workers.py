@@ -22,10 +22,10 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 OPTIMIZERS = {"AdaHessian": AdaHessian, "SophiaH": SophiaH, "SophiaG": SophiaG}
 CONFIGS = [
     ("AdaHessian", dict(lr=0.05, seed=1)),
-    ("AdaHessian", dict(lr=0.05, update_each=3, estimator="diagonal", num_probes=2, hessian_power=0.5,
+    ("AdaHessian", dict(lr=0.05, curvature_every=3, estimator="diagonal", num_probes=2, hessian_power=0.5,
                         weight_decay=0.01, seed=2)),
-    ("SophiaH", dict(lr=0.02, rho=5.0, k=3, seed=3)),  # rho: about half the ratios clipped, so the
-    ("SophiaG", dict(lr=0.02, rho=5.0, k=2, seed=4)),  # curvature matters
+    ("SophiaH", dict(lr=0.02, rho=5.0, curvature_every=3, seed=3)),  # rho: about half the ratios clipped, so the
+    ("SophiaG", dict(lr=0.02, rho=5.0, curvature_every=2, seed=4)),  # curvature matters
 ]
 # Every config in float64; in float32 those whose denominators stay away from zero. The signed
 # "diagonal" estimate puts some v near 0, where v ** (k / 2) = v ** 0.25 has an unbounded slope:

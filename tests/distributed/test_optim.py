@@ -127,7 +127,8 @@ def test_disagreeing_ranks_fail_clearly_on_every_rank():
         r"the ranks disagree on parameters \(shape, dtype, device type\): rank 0: \[\(\(6, 5\)",
         r"the ranks disagree on seed: rank 0: 0, rank 1: 1; every rank must build the same model",
         r"the ranks disagree on hyperparameters: rank 0: \[\{'lr': 0.1,",
-        r"the ranks disagree on settings: rank 0: \{'every': 1, 'estimator': 'official', 'num_probes': 1\}",
+        r"the ranks disagree on settings: rank 0: \{'curvature_every': 1, 'estimator': 'HutchinsonRademacher', "
+        r"'num_probes': 1, 'absolute': True\}",
         r"the ranks passed different numbers of closures to step 1: rank 0: 1, rank 1: 2",
         r"the ranks passed different numbers of closures to step 1: rank 0: 1, rank 1: 2",
     ]

@@ -7,7 +7,15 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from secondorder.distributed.reducer import LOCAL
+from secondorder.optim import StepContext
 from tests.operators.test_curvature import data, mlp
+
+
+def refresh_context(seed: int) -> StepContext:
+    """A local curvature-refresh step whose probes come from a generator seeded with ``seed``."""
+    return StepContext(step=1, refresh=True, num_closures=1, loss_scale=1.0, reducer=LOCAL,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def assert_resumes_bitwise(make_optimizer, steps: int = 5) -> None:

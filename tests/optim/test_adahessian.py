@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from secondorder.optim import AdaHessian, spatial_average
+from secondorder.optim import AdaHessian, HutchinsonRademacher, spatial_average
 from tests.operators.references import dense_hessian
 from tests.operators.test_curvature import data, mlp, names
-from tests.optim.checks import assert_accumulation_equals_full_batch, assert_resumes_bitwise
+from tests.optim.checks import assert_accumulation_equals_full_batch, assert_resumes_bitwise, refresh_context
 
 A_DIAG = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
 
@@ -57,7 +57,7 @@ def test_delayed_curvature_keeps_the_steady_state_denominator():
     """With update_each = 5 the bias correction counts curvature refreshes, so the denominator
     sqrt(v / (1 - beta2^s)) equals the every-step one when the curvature is constant."""
     _, every = quadratic_run(23, lr=0.01)
-    _, delayed = quadratic_run(23, lr=0.01, update_each=5)
+    _, delayed = quadratic_run(23, lr=0.01, curvature_every=5)
     assert delayed.num_curvature_steps == 5 and every.num_curvature_steps == 23  # steps 1, 6, 11, 16, 21
 
     def denominator(opt):
@@ -72,12 +72,12 @@ def test_delayed_curvature_keeps_the_steady_state_denominator():
 
 
 def test_only_curvature_steps_differentiate_twice(monkeypatch):
-    import secondorder.optim.adahessian as module
+    import secondorder.optim.estimators as module
 
     calls = []
     original = module.hessian_product
     monkeypatch.setattr(module, "hessian_product", lambda *a, **k: calls.append(1) or original(*a, **k))
-    quadratic_run(7, lr=0.01, update_each=3)
+    quadratic_run(7, lr=0.01, curvature_every=3)
     assert len(calls) == 3  # steps 1, 4, 7
 
 
@@ -85,10 +85,10 @@ def test_diagonal_estimator_is_unbiased_for_the_hessian_diagonal():
     model = mlp()
     X, y = data("mlp", "ce")
     H = dense_hessian(model, F.cross_entropy, [(X, y)], names(model))
-    opt = AdaHessian(model.parameters(), estimator="diagonal", num_probes=4000, seed=1)
-    loss = F.cross_entropy(model(X), y)
-    _, raw = opt._curvature(loss, list(model.parameters()))
-    estimates = opt._combine(raw, 1)
+    estimator = HutchinsonRademacher(num_probes=4000, absolute=False)  # AdaHessian(estimator="diagonal")
+    ctx = refresh_context(seed=1)
+    raw = estimator.estimate(F.cross_entropy(model(X), y), list(model.parameters()), ctx).curvature
+    estimates = estimator.combine(raw, None)
     est = torch.cat([e.reshape(-1) for e in estimates])
     # entry variance sum_{j != i} H_ij^2 / n: allow 5 standard errors per entry
     sem = ((H**2).sum(1) - H.diag() ** 2).clamp_min(0).sqrt() / math.sqrt(4000)
@@ -101,11 +101,12 @@ def test_official_estimator_tracks_row_norms():
     X, y = data("mlp", "ce")
     H = dense_hessian(model, F.cross_entropy, [(X, y)], names(model))
     params = list(model.parameters())
-    opt = AdaHessian(params, num_probes=1, seed=2)
+    estimator = AdaHessian(params, num_probes=1, seed=2).estimator
+    ctx = refresh_context(seed=2)
     squares = 0
     n = 2000
     for _ in range(n):
-        est = opt._combine(opt._curvature(F.cross_entropy(model(X), y), params)[1], 1)
+        est = estimator.combine(estimator.estimate(F.cross_entropy(model(X), y), params, ctx).curvature, None)
         squares = squares + torch.cat([e.reshape(-1) for e in est]) ** 2
     rms = (squares / n).sqrt()
     row_norms = H.norm(dim=1)
@@ -153,7 +154,7 @@ def test_conv3d_linear_and_unused_parameters_train():
 
 
 def test_state_dict_resumes_bitwise():
-    assert_resumes_bitwise(lambda params, seed: AdaHessian(params, lr=0.05, update_each=2, seed=seed))
+    assert_resumes_bitwise(lambda params, seed: AdaHessian(params, lr=0.05, curvature_every=2, seed=seed))
 
 
 def test_param_groups_and_weight_decay():
@@ -174,7 +175,7 @@ def test_param_groups_and_weight_decay():
         ({"lr": -1.0}, "lr"),
         ({"betas": (0.9, 1.0)}, "betas"),
         ({"hessian_power": 1.5}, "hessian_power"),
-        ({"update_each": 0}, "update_each"),
+        ({"curvature_every": 0}, "curvature_every"),
         ({"estimator": "gnb"}, "estimator"),
         ({"block_size": 4}, "does not divide"),
         ({"num_probes": 0}, "num_probes"),
@@ -203,16 +204,16 @@ def test_bad_closures_and_non_finite_loss_leave_parameters_untouched():
 def test_gradient_accumulation_equals_the_full_batch(estimator):
     """The absolute value of the official estimator is taken after averaging over micro-batches."""
     assert_accumulation_equals_full_batch(
-        lambda params: AdaHessian(params, lr=0.05, estimator=estimator, num_probes=2, update_each=2, seed=1)
+        lambda params: AdaHessian(params, lr=0.05, estimator=estimator, num_probes=2, curvature_every=2, seed=1)
     )
 
 
 def test_official_estimator_takes_the_absolute_value_after_averaging():
-    opt = AdaHessian([nn.Parameter(torch.zeros(2))])
     raw = [torch.tensor([[-2.0, 1.0], [1.0, 3.0]])]  # two probes' signed z * Hz
-    assert torch.equal(opt._combine(raw, 1)[0], torch.tensor([1.5, 2.0]))
-    opt.estimator = "diagonal"
-    assert torch.equal(opt._combine(raw, 1)[0], torch.tensor([-0.5, 2.0]))
+    official = AdaHessian([nn.Parameter(torch.zeros(2))]).estimator
+    diagonal = AdaHessian([nn.Parameter(torch.zeros(2))], estimator="diagonal").estimator
+    assert torch.equal(official.combine(raw, None)[0], torch.tensor([1.5, 2.0]))
+    assert torch.equal(diagonal.combine(raw, None)[0], torch.tensor([-0.5, 2.0]))
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph")

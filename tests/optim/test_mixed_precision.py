@@ -11,8 +11,8 @@ from tests.operators.test_curvature import data, mlp
 
 MAKERS = {
     "adahessian": lambda params, **kw: AdaHessian(params, lr=0.05, **kw),
-    "sophia_h": lambda params, **kw: SophiaH(params, lr=0.01, rho=1.0, k=2, **kw),
-    "sophia_g": lambda params, **kw: SophiaG(params, lr=0.01, rho=1.0, k=2, **kw),
+    "sophia_h": lambda params, **kw: SophiaH(params, lr=0.01, rho=1.0, curvature_every=2, **kw),
+    "sophia_g": lambda params, **kw: SophiaG(params, lr=0.01, rho=1.0, curvature_every=2, **kw),
 }
 
 

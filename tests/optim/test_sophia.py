@@ -14,7 +14,7 @@ import secondorder as so
 from secondorder.optim import SophiaG, SophiaH
 from tests.operators.references import dense_ggn, dense_hessian
 from tests.operators.test_curvature import data, mlp, names
-from tests.optim.checks import assert_accumulation_equals_full_batch, assert_resumes_bitwise
+from tests.optim.checks import assert_accumulation_equals_full_batch, assert_resumes_bitwise, refresh_context
 
 A_DIAG = torch.tensor([1.0, 4.0, 0.25, -0.5], dtype=torch.float64)  # one negative-curvature coordinate
 
@@ -22,7 +22,7 @@ A_DIAG = torch.tensor([1.0, 4.0, 0.25, -0.5], dtype=torch.float64)  # one negati
 def test_sophia_h_update_written_by_hand():
     """f = 1/2 sum a_i w_i^2: u * Hu = a u^2 with the optimizer's own Gaussian u, replayed here."""
     w = nn.Parameter(torch.ones(4, dtype=torch.float64))
-    opt = SophiaH([w], lr=0.05, rho=0.5, k=3, weight_decay=0.1, seed=7)
+    opt = SophiaH([w], lr=0.05, rho=0.5, curvature_every=3, weight_decay=0.1, seed=7)
     gen = torch.Generator().manual_seed(7)
     ref, m, h = torch.ones(4, dtype=torch.float64), 0.0, torch.zeros(4, dtype=torch.float64)
     fractions = []
@@ -47,11 +47,11 @@ def test_sophia_h_estimate_is_unbiased_for_the_hessian_diagonal():
     X, y = data("mlp", "ce")
     H = dense_hessian(model, F.cross_entropy, [(X, y)], names(model))
     params = list(model.parameters())
-    opt = SophiaH(params, seed=3)
+    estimator, ctx = SophiaH(params, seed=3).estimator, refresh_context(seed=3)
     n = 3000
     total = 0
     for _ in range(n):
-        _, _, est = opt._estimate(F.cross_entropy(model(X), y), params, 1)
+        est = estimator.estimate(F.cross_entropy(model(X), y), params, ctx).curvature
         total = total + torch.cat([e.reshape(-1) for e in est])
     # Gaussian u: Var(u_i (Hu)_i) = 2 H_ii^2 + sum_{j != i} H_ij^2 <= 2 ||H_i,:||^2; 5 standard errors
     sem = (2 * (H**2).sum(1)).sqrt() / math.sqrt(n)
@@ -64,12 +64,13 @@ def test_sophia_g_estimate_is_unbiased_for_the_gauss_newton_diagonal():
     G = dense_ggn(model, F.cross_entropy, [(X, y)], names(model))
     assert (so.GGNOperator(model, F.cross_entropy, (X, y)).to_dense() - G).abs().max() < 1e-12
     params = list(model.parameters())
-    opt = SophiaG(params, seed=4)
+    estimator, ctx = SophiaG(params, seed=4).estimator, refresh_context(seed=4)
     n = 3000
     samples = []
     for _ in range(n):
         logits = model(X)
-        est = opt._combine(opt._estimate((F.cross_entropy(logits, y), logits), params, 1)[2], 1)
+        estimate = estimator.estimate((F.cross_entropy(logits, y), logits), params, ctx)
+        est = estimator.combine(estimate.curvature, estimate.weight)
         samples.append(torch.cat([e.reshape(-1) for e in est]))
     S = torch.stack(samples)
     sem = S.std(0) / math.sqrt(n)
@@ -80,7 +81,7 @@ def test_sophia_g_trains_and_reports_clipping():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     X, y = data("mlp", "ce", n=64)
-    opt = SophiaG(model.parameters(), lr=0.05, rho=0.05, k=5, weight_decay=0.0)
+    opt = SophiaG(model.parameters(), lr=0.05, rho=0.05, curvature_every=5, weight_decay=0.0)
     rng = torch.get_rng_state()
 
     def closure():
@@ -94,11 +95,11 @@ def test_sophia_g_trains_and_reports_clipping():
 
 
 def test_state_dict_resumes_bitwise():
-    assert_resumes_bitwise(lambda params, seed: SophiaH(params, lr=0.01, k=2, seed=seed))
+    assert_resumes_bitwise(lambda params, seed: SophiaH(params, lr=0.01, curvature_every=2, seed=seed))
 
 
 @pytest.mark.parametrize("cls", [SophiaH, SophiaG])
-@pytest.mark.parametrize("kwargs, match", [({"lr": -1.0}, "lr"), ({"rho": 0.0}, "rho"), ({"k": 0}, "k "),
+@pytest.mark.parametrize("kwargs, match", [({"lr": -1.0}, "lr"), ({"rho": 0.0}, "rho"), ({"curvature_every": 0}, "curvature_every"),
                                            ({"betas": (1.0, 0.9)}, "betas")])
 def test_invalid_hyperparameters(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -116,7 +117,7 @@ def test_sophia_g_needs_logits():
 
 
 def test_sophia_h_gradient_accumulation_equals_the_full_batch():
-    assert_accumulation_equals_full_batch(lambda params: SophiaH(params, lr=0.01, rho=0.05, k=2, seed=2))
+    assert_accumulation_equals_full_batch(lambda params: SophiaH(params, lr=0.01, rho=0.05, curvature_every=2, seed=2))
 
 
 def test_sophia_g_accumulation_equals_the_full_batch():
@@ -125,8 +126,8 @@ def test_sophia_g_accumulation_equals_the_full_batch():
     X, y = data("mlp", "ce", n=16)
     full, micro = mlp(), mlp()
     # a large rho keeps |m| / (rho h) below 1 for many coordinates, so h shapes the steps
-    opt_full = SophiaG(full.parameters(), lr=0.01, rho=100.0, k=2)
-    opt_micro = SophiaG(micro.parameters(), lr=0.01, rho=100.0, k=2)
+    opt_full = SophiaG(full.parameters(), lr=0.01, rho=100.0, curvature_every=2)
+    opt_micro = SophiaG(micro.parameters(), lr=0.01, rho=100.0, curvature_every=2)
 
     def closure(model, rows):
         def evaluate():

@@ -24,7 +24,7 @@ from torch import Tensor
 from secondorder.distributed.buckets import BUCKET_BYTES, gather_counts, sum_over_ranks
 from secondorder.distributed.process_group import World, agree, all_reduce, current_world
 
-__all__ = ["LOCAL", "RankReducer", "Reducer", "digest", "reducer_for"]
+__all__ = ["LOCAL", "RankReducer", "Reducer", "check_option", "digest", "reducer_for"]
 
 T = TypeVar("T")
 
@@ -155,14 +155,19 @@ class RankReducer(Reducer):
         return int(all_reduce(shared, what="shared seed"))
 
 
+def check_option(distributed: Any) -> bool | str | Reducer:
+    """A valid ``distributed=`` option, or ``ValueError``."""
+    if not (isinstance(distributed, Reducer) or distributed is True or distributed is False or distributed == "auto"):
+        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r} (or a Reducer)")
+    return distributed
+
+
 def reducer_for(distributed: bool | str | Reducer) -> Reducer:
     """The reducer a ``distributed=`` option asks for: ``"auto"`` reduces over the ranks whenever
     torch.distributed runs more than one process, ``True`` requires an initialized group,
     ``False`` never communicates, and a :class:`Reducer` is used as it is."""
-    if isinstance(distributed, Reducer):
-        return distributed
-    if not (distributed is True or distributed is False or distributed == "auto"):
-        raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    if isinstance(check_option(distributed), Reducer):
+        return distributed  # type: ignore[return-value]
     world = current_world()
     if distributed is True:
         return RankReducer()

@@ -78,9 +78,20 @@ def _batched_grad(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[
     )
 
 
+def check_dense(grads: Sequence, params: Sequence[Tensor], where: str = "") -> None:
+    """Refuse sparse gradients (``nn.Embedding(sparse=True)``), naming the parameter, before any product."""
+    for i, (g, p) in enumerate(zip(grads, params)):
+        if g is not None and g.layout != torch.strided:
+            raise ValueError(
+                f"the gradient of parameter {i} (shape {list(p.shape)}){where} is sparse ({g.layout}); curvature "
+                "needs dense gradients: build the embedding with sparse=False"
+            )
+
+
 def _differentiable_grads(outputs: Tensor, params: list[Tensor], cotangent: Tensor | None = None) -> tuple:
     """First derivatives built with a graph to differentiate again, and the indices that have one."""
     grads = torch.autograd.grad(outputs, params, cotangent, create_graph=True, allow_unused=True)
+    check_dense(grads, params)
     return grads, [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
 

@@ -13,7 +13,7 @@ diagonal:
         {\big(\sqrt{v_t / (1-\beta_2^{s_t})}\big)^k + \epsilon} + \lambda\theta_t\Big),
 
 with Hessian power :math:`k`, decoupled weight decay :math:`\lambda`, and :math:`s_t` the number
-of curvature updates so far: with ``update_each = n > 1`` the curvature (and :math:`v`) is
+of curvature updates of the parameter so far: with ``curvature_every = n > 1`` the curvature (and :math:`v`) is
 refreshed every n-th step only, and the bias correction counts those refreshes, so the
 steady-state denominator equals the every-step one (pytorch-optimizer's ``update_period``
 uses the step count and under-estimates it by about :math:`1/\sqrt n`).
@@ -43,26 +43,16 @@ the gradient and, on curvature steps only, the Hessian-vector products itself::
 
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-from secondorder.operators.products import hessian_product
-from secondorder.optim.base import SecondOrderOptimizer, gradient_only, validate_common
-
-
-def spatial_average(d: Tensor, block_size: int | None) -> Tensor:
-    """Average ``d`` (shaped like its parameter) over AdaHessian's blocks and broadcast back."""
-    if d.ndim >= 3:
-        return d.mean(dim=tuple(range(2, d.ndim)), keepdim=True).expand_as(d)
-    if d.ndim == 2 and block_size:
-        rows, cols = d.shape
-        return d.reshape(rows, cols // block_size, block_size).mean(-1, keepdim=True).expand(
-            rows, cols // block_size, block_size
-        ).reshape(rows, cols)
-    return d
+from secondorder import validation
+from secondorder.distributed.reducer import Reducer
+from secondorder.optim import updates
+from secondorder.optim.base import SecondOrderOptimizer, curvature_period, validate_common
+from secondorder.optim.estimators import HutchinsonRademacher
 
 
 class AdaHessian(SecondOrderOptimizer):
@@ -72,10 +62,10 @@ class AdaHessian(SecondOrderOptimizer):
         params: parameters or parameter groups.
         lr: learning rate (0.15, the paper's CIFAR setting).
         betas: EMA coefficients of the gradient and of the squared curvature.
-        eps: added to the denominator (1e-4 as the official code).
+        eps: added to the denominator (1e-4 as the official code); must be positive.
         weight_decay: decoupled weight decay, applied as ``lr * weight_decay * theta``.
         hessian_power: ``k`` in [0, 1]; 0 gives momentum SGD with Adam's bias correction.
-        update_each: refresh the curvature every this many steps (1 = every step).
+        curvature_every: refresh the curvature every this many steps (1 = every step).
         estimator: ``"official"`` (``|z * Hz|``) or ``"diagonal"`` (``z * Hz``).
         block_size: spatial averaging block for 2-D parameters (must divide their last dimension).
         num_probes: Rademacher probes per curvature step (averaged).
@@ -87,6 +77,7 @@ class AdaHessian(SecondOrderOptimizer):
             torch.distributed runs more than one process (every rank draws the same ``z``);
             ``True`` requires that, ``False`` never communicates. See
             :class:`~secondorder.optim.base.SecondOrderOptimizer`.
+        update_each: deprecated name of ``curvature_every``.
     """
 
     def __init__(
@@ -97,28 +88,28 @@ class AdaHessian(SecondOrderOptimizer):
         eps: float = 1e-4,
         weight_decay: float = 0.0,
         hessian_power: float = 1.0,
-        update_each: int = 1,
+        curvature_every: int = 1,
         estimator: str = "official",
         block_size: int | None = None,
         num_probes: int = 1,
         seed: int = 0,
         grad_scaler: torch.amp.GradScaler | None = None,
-        distributed: bool | str = "auto",
+        distributed: bool | str | Reducer = "auto",
+        *,
+        update_each: int | None = None,
     ):
         validate_common(lr, betas, eps, weight_decay)
         if not 0.0 <= hessian_power <= 1.0:
             raise ValueError(f"hessian_power must lie in [0, 1], got {hessian_power}")
-        if not isinstance(update_each, int) or update_each < 1:
-            raise ValueError(f"update_each must be a positive integer, got {update_each!r}")
-        if estimator not in ("official", "diagonal"):
-            raise ValueError(f"estimator must be 'official' or 'diagonal', got {estimator!r}")
-        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-            raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
-        if not isinstance(num_probes, int) or num_probes < 1:
-            raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+        every = curvature_period(curvature_every, "update_each", update_each)
+        validation.one_of(estimator, "estimator", ("official", "diagonal"))
+        validation.optional_positive_int(block_size, "block_size")
+        validation.positive_int(num_probes, "num_probes")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
                         block_size=block_size)
-        super().__init__(params, defaults, update_each, seed, grad_scaler, distributed)
+        super().__init__(params, defaults, estimator=HutchinsonRademacher(num_probes, estimator == "official"),
+                         buffers=("exp_hessian_diag_sq",), curvature_every=every, seed=seed,
+                         grad_scaler=grad_scaler, distributed=distributed)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim == 2 and group["block_size"] and p.shape[1] % group["block_size"]:
@@ -126,66 +117,13 @@ class AdaHessian(SecondOrderOptimizer):
                         f"block_size {group['block_size']} does not divide the last dimension of a parameter of "
                         f"shape {list(p.shape)}; choose a divisor or put that parameter in a group with block_size=None"
                     )
-        self.estimator, self.num_probes = estimator, num_probes
 
-    def _settings(self) -> dict:
-        return {**super()._settings(), "estimator": self.estimator, "num_probes": self.num_probes}
-
-    # ---- curvature --------------------------------------------------------------------
-    def _curvature(self, loss: Tensor, params: list[Tensor]) -> tuple[tuple, list[Tensor]]:
-        """Gradient and, per parameter, the signed products ``z * Hz`` of every probe ``[num_probes, *shape]``."""
-        # per parameter, in order, as the official code draws them (its 2 * randint_like(p, high=2) - 1)
-        probes = torch.cat([
-            (2 * torch.randint(0, 2, (self.num_probes, *p.shape), generator=self.generator, dtype=p.dtype) - 1)
-            .reshape(self.num_probes, -1) for p in params
-        ], dim=1).to(params[0].device)
-        raw = [torch.zeros(self.num_probes, *p.shape, dtype=p.dtype, device=p.device) for p in params]
-
-        def sink(start: int, pieces: list[Tensor], products: tuple) -> None:
-            for r, piece, product in zip(raw, pieces, products):
-                if product is not None:
-                    r[start : start + piece.shape[0]] = piece * product
-
-        gradient = hessian_product(loss, params, probes, sink)
-        return gradient, raw
-
-    def _combine(self, raw: list, count: int) -> list:
-        """``|z * Hz|`` (official) or ``z * Hz`` (diagonal), averaged over the probes.
-
-        The absolute value is taken after averaging over micro-batches, so accumulation gives
-        the full-batch estimate.
-        """
-        transform = torch.abs if self.estimator == "official" else (lambda x: x)
-        return [transform(r).mean(0) for r in raw]
-
-    def _derivatives(self, out, params, step, refresh):
-        loss = out
-        if refresh:
-            return (loss, *self._curvature(loss, params))
-        return gradient_only(loss, params)
-
-    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], estimates: list[Tensor] | None) -> int:
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
+                estimates: list[Tensor] | None) -> int:
         beta1, beta2 = group["betas"]
-        states = self._momentum(params, grads, beta1, "exp_hessian_diag_sq")
-        second = [state["exp_hessian_diag_sq"] for state in states]
-        if estimates is not None:
-            d = [spatial_average(e, group["block_size"]) for e in estimates]
-            torch._foreach_mul_(second, beta2)
-            torch._foreach_addcmul_(second, d, d, value=1 - beta2)
-        bias1 = 1 - beta1**self.num_steps
-        bias2 = 1 - beta2 ** max(self.num_curvature_steps, 1)
-        k = group["hessian_power"]
-        # the official code's order of operations, so that it is matched bit for bit:
-        # p -= lr * (m / bias1 / (sqrt(v)**k / sqrt(bias2)**k + eps) + wd * p)
-        denom = torch._foreach_sqrt(second)
-        if k != 1:
-            torch._foreach_pow_(denom, k)
-        torch._foreach_div_(denom, math.sqrt(bias2) ** k)
-        torch._foreach_add_(denom, group["eps"])
-        step = torch._foreach_div([state["exp_avg"] for state in states], bias1)
-        torch._foreach_div_(step, denom)
-        if group["weight_decay"]:
-            torch._foreach_add_(step, torch._foreach_mul(params, group["weight_decay"]))
-        torch._foreach_mul_(step, group["lr"])
-        torch._foreach_sub_(params, step)
+        updates.adahessian(
+            params, [s["exp_avg"] for s in states], [s["exp_hessian_diag_sq"] for s in states], estimates,
+            steps=[s["step"] for s in states], curvature_steps=[s["curvature_step"] for s in states],
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            hessian_power=group["hessian_power"], block_size=group["block_size"])
         return 0

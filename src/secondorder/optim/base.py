@@ -1,31 +1,56 @@
-"""What the second-order optimizers share: the closure contract and hyperparameter checks."""
+"""The optimizer core every curvature-preconditioned optimizer here is built from.
+
+A step is: evaluate the closures (one per micro-batch), let the optimizer's
+:class:`~secondorder.optim.estimators.CurvatureEstimator` turn each into an
+:class:`~secondorder.optim.estimators.Estimate` on refresh steps (a plain gradient otherwise),
+sum over micro-batches and, through the step's :class:`~secondorder.distributed.reducer.Reducer`,
+over ranks; unscale (GradScaler), average, combine; check everything; and only then let the
+optimizer's update rule (a plain function of :mod:`secondorder.optim.updates`) change the
+parameters. The step's facts travel in a :class:`~secondorder.optim.estimators.StepContext`,
+never on the optimizer; a step that raises leaves parameters, state, counters and the probe
+generator as they were.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Callable, Sequence
+import warnings
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from secondorder.distributed.buckets import gather_counts, sum_over_ranks
-from secondorder.distributed.process_group import World, agree, current_world
+from secondorder import validation
+from secondorder.distributed.reducer import Reducer, check_option, digest, reducer_for
+from secondorder.operators.products import check_dense
+from secondorder.optim.estimators import CurvatureEstimator, Estimate, StepContext, check_same_closures
 
-Closure = Callable[[], Tensor]
-"""Returns the mean loss of the current batch; it must not call ``backward``."""
+Closure = Callable[[], Any]
+"""Returns the mean loss of the current batch (or what the estimator reads); it must not call ``backward``."""
 
 
 def validate_common(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    """Reject hyperparameters every Adam-like optimizer shares, with what to do instead."""
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be non-negative, got {lr}")
+    """Reject hyperparameters every Adam-like optimizer shares, with what to do instead.
+
+    ``eps`` must be positive: with ``eps = 0`` a coordinate with zero gradient and zero
+    curvature (a dead ReLU) divides 0 by 0 and its parameter becomes NaN.
+    """
+    validation.non_negative(lr, "lr")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be non-negative, got {eps}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be positive (eps = 0 makes 0/0 = NaN on coordinates with zero gradient and "
+                         f"curvature), got {eps}")
+    validation.non_negative(weight_decay, "weight_decay")
+
+
+def curvature_period(curvature_every: int, old_name: str, old_value: int | None) -> int:
+    """The refresh period, accepting the optimizer's former keyword with a deprecation warning."""
+    if old_value is not None:
+        warnings.warn(f"{old_name}= is deprecated; use curvature_every= (the same meaning in every optimizer)",
+                      DeprecationWarning, stacklevel=3)
+        curvature_every = old_value
+    return validation.positive_int(curvature_every, "curvature_every (steps between curvature refreshes)")
 
 
 def checked_loss(loss: object, step: int) -> Tensor:
@@ -33,9 +58,7 @@ def checked_loss(loss: object, step: int) -> Tensor:
 
     Finiteness is checked later, with the derivatives, in one device synchronisation per step.
     """
-    if not isinstance(loss, Tensor) or loss.ndim != 0:
-        shape = list(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"the closure must return the scalar mean loss; at step {step} it returned {shape}")
+    loss = validation.scalar_loss(loss, f"the closure at step {step}", "return the scalar mean loss")
     if not loss.requires_grad:
         raise ValueError(
             f"the loss at step {step} does not depend on the parameters (no graph): compute it inside the "
@@ -80,18 +103,11 @@ def _scale(values: list, factor: float) -> list:
     return [None if v is None else v * factor for v in values]
 
 
-def gradient_only(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, tuple, list]:
-    """``(loss, gradient, no curvature)`` for the steps between curvature refreshes: a plain backward."""
-    return loss, torch.autograd.grad(loss, params, allow_unused=True), [None] * len(params)
-
-
 class SecondOrderOptimizer(torch.optim.Optimizer):
-    """The step every curvature-preconditioned optimizer here shares.
+    """The step every curvature-preconditioned optimizer here shares (see the module docstring).
 
-    ``step(closure)`` evaluates the closure, asks :meth:`_derivatives` for the loss, the gradient
-    and, on curvature steps (1, every+1, 2 every+1, ...), per-parameter raw curvature quantities;
-    :meth:`_combine` turns those into the estimates; everything is checked before any parameter
-    changes; then :meth:`_update` runs per parameter.
+    A subclass passes its :class:`~secondorder.optim.estimators.CurvatureEstimator` and the state
+    buffers it keeps, and implements :meth:`_update` with its update rule.
 
     Gradient accumulation: ``step([closure_1, ..., closure_n])`` takes one closure per micro-batch
     (each returning its micro-batch's mean loss; micro-batches count equally). Each is
@@ -101,185 +117,58 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     scaled before differentiating and gradient and raw curvature are unscaled before use (no
     scale leaks into a denominator); an overflow skips the step and backs the scale off, and the
     scale grows after ``growth_interval`` good steps, through the scaler's public API. Probes come
-    from the optimizer's own ``generator`` (seeded by ``seed``), which ``state_dict`` saves with
-    the step counters: a resumed run is bitwise identical.
+    from the optimizer's own ``generator`` (seeded by ``seed``, on the parameters' device), which
+    ``state_dict`` saves with the step counters: a resumed run is bitwise identical. Each
+    parameter's state holds its own ``step`` and ``curvature_step`` counts (its bias corrections);
+    the refresh schedule (steps 1, every + 1, 2 every + 1, ...) follows the optimizer's ``num_steps``.
 
     Data parallelism (``distributed``): with ``"auto"`` (default), whenever torch.distributed is
     initialized with more than one process, every step averages over the ranks, with equal
     weights, the gradient, the raw curvature quantities and the loss of all ``n W`` micro-batches
     (``W`` ranks, each passing the same number ``n`` of closures on its own shard). The local sums
-    travel in one bucketed all-reduce per step (:func:`~secondorder.distributed.buckets.sum_over_ranks`:
-    gradient and curvature in the same buffers on refresh steps). Every rank draws the same
-    probes from its own copy of the generator (same ``seed``), never communicated, so with
-    equal-size shards ``B_r`` of a batch ``B``, ``(1/W) sum_r grad mean_{B_r} l = grad mean_B l``
-    and ``(1/W) sum_r z * H_r z = z * H_B z``: the step is the single-process step on the
-    concatenated batch (up to rounding) and all ranks keep identical parameters and state (with
-    several closures per rank: the batch ordered micro-batch by micro-batch, each micro-batch's
-    shards in rank order, which matters for SophiaG's sampled labels only). ``True`` requires an
-    initialized process group; ``False`` never communicates (each rank steps on its own data).
-    The first data-parallel step (and the first after :meth:`load_state_dict`) checks, in one
-    ``all_gather_object``, that the ranks agree on the parameters' shapes and dtypes, the
-    hyperparameters, the seed, the step counters and the generator state; any disagreement, or
-    ranks passing different numbers of closures, raises ``ValueError`` on every rank. A rank that
-    fails or dies makes the others raise :class:`~secondorder.distributed.DistributedError`
-    within the group's timeout. The model may be wrapped in ``DistributedDataParallel`` or not:
-    DDP's gradient hooks run on ``backward()`` only, so under ``torch.autograd.grad`` its reducer
-    stays idle (its forward still broadcasts buffers) and this step does the averaging.
+    travel in one bucketed all-reduce per step (gradient and curvature in the same buffers on
+    refresh steps). Every rank draws the same probes from its own copy of the generator (same
+    ``seed``), never communicated, so with equal-size shards ``B_r`` of a batch ``B``,
+    ``(1/W) sum_r grad mean_{B_r} l = grad mean_B l`` and ``(1/W) sum_r z * H_r z = z * H_B z``:
+    the step is the single-process step on the concatenated batch (up to rounding) and all ranks
+    keep identical parameters and state (with several closures per rank: the batch ordered
+    micro-batch by micro-batch, each micro-batch's shards in rank order, which matters for
+    SophiaG's sampled labels only). ``True`` requires an initialized process group; ``False``
+    never communicates (each rank steps on its own data); a
+    :class:`~secondorder.distributed.reducer.Reducer` is used as given. The first data-parallel
+    step (and the first after :meth:`load_state_dict`) checks, in one ``all_gather_object``, that
+    the ranks agree on the parameters' shapes and dtypes, the hyperparameters, the seed, the step
+    counters and the generator state; any disagreement, or ranks passing different numbers of
+    closures, raises ``ValueError`` on every rank. A rank that fails or dies makes the others
+    raise :class:`~secondorder.distributed.DistributedError` within the group's timeout. The
+    model may be wrapped in ``DistributedDataParallel`` or not: DDP's gradient hooks run on
+    ``backward()`` only, so under ``torch.autograd.grad`` its reducer stays idle (its forward
+    still broadcasts buffers) and this step does the averaging.
     """
 
-    same_probes_per_micro_batch = True
-    """Hutchinson estimators draw one probe set per step and apply it to every micro-batch."""
-
-    def __init__(self, params, defaults: dict, every: int, seed: int, grad_scaler=None,
-                 distributed: bool | str = "auto"):
-        if not (distributed is True or distributed is False or distributed == "auto"):
-            raise ValueError(f"distributed must be 'auto', True or False, got {distributed!r}")
+    def __init__(self, params, defaults: dict, *, estimator: CurvatureEstimator, buffers: tuple[str, ...],
+                 curvature_every: int, seed: int, grad_scaler=None, distributed: bool | str | Reducer = "auto"):
         super().__init__(params, defaults)
-        self.distributed = distributed
-        self._agreed_world: int | None = None  # world size of the last successful handshake
-        self._world: World | None = None  # the data-parallel world of the step in progress (None: local)
-        self._num_closures = 0  # of the step in progress
-        self.every, self.seed = every, seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.distributed = check_option(distributed)
+        self.estimator, self.buffers = estimator, buffers
+        self.curvature_every, self.seed = curvature_every, seed
+        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.num_steps = 0
         self.num_curvature_steps = 0
         self.grad_scaler = grad_scaler if grad_scaler is not None and grad_scaler.is_enabled() else None
         self.num_good_steps = 0  # since the last change of the loss scale
-        self.loss_scale = 1.0  # of the step in progress
+        self._agreed_world: int | None = None  # world size of the last successful handshake
+        self.last_count: Tensor | int = 0  # what the last step's update rules counted (Sophia: clipped)
+        self.last_total = 0  # coordinates the last step updated
 
-    # ---- hooks for the closure's output and mixed-precision loss scaling ---------------
-    def _loss_of(self, out: object) -> object:
-        """The loss in what the closure returned."""
-        return out
-
-    def _with_loss(self, out: object, loss: Tensor) -> object:
-        """The closure's output with its loss replaced (by the scaled loss)."""
-        return loss
-
-    def _unscale(self, raw: list, scale: float) -> list:
-        """Raw curvature quantities computed from the scaled loss, brought back to the loss's scale."""
-        return _scale(raw, 1.0 / scale)
-
-    def _rescale(self, found_inf: bool) -> None:
-        """GradScaler's dynamic schedule (backoff on overflow, growth every interval), through its public API."""
-        s = self.grad_scaler
-        if found_inf:
-            new, self.num_good_steps = self.loss_scale * s.get_backoff_factor(), 0
-        else:
-            self.num_good_steps += 1
-            new = self.loss_scale
-            if self.num_good_steps == s.get_growth_interval():
-                new, self.num_good_steps = new * s.get_growth_factor(), 0
-        s.update(new)
-
-    def _derivatives(self, out: object, params: list[Tensor], step: int, refresh: bool) -> tuple[Tensor, tuple, list]:
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
+                estimates: list[Tensor] | None) -> Tensor | int:
+        """Update one group's parameters in place after the momentum (``estimates`` is None
+        between curvature refreshes); returns a count summed over groups into ``last_count``."""
         raise NotImplementedError
 
-    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], estimates: list[Tensor] | None):
-        """Update one group's parameters in place (``estimates`` is None between curvature refreshes).
-
-        Returns a count (a number or a 0-d tensor, summed over groups and given to :meth:`_finish`).
-        """
-        raise NotImplementedError
-
-    def _momentum(self, params: list[Tensor], grads: list[Tensor], beta1: float, curvature_key: str) -> list[dict]:
-        """The parameters' states (created at first use: momentum and a curvature buffer), momenta updated."""
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
-            if not state:
-                state["exp_avg"] = torch.zeros_like(p)
-                state[curvature_key] = torch.zeros_like(p)
-        exp_avgs = [state["exp_avg"] for state in states]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-        return states
-
-    def _settings(self) -> dict:
-        """Options outside the parameter groups that every rank must share."""
-        return {"every": self.every}
-
-    def _data_parallel_world(self) -> World | None:
-        """The world the step averages over, or None for a local step."""
-        world = current_world()
-        if self.distributed is True and not world.distributed:
-            raise ValueError(
-                "distributed=True but torch.distributed is not initialized: call "
-                "secondorder.distributed.init_from_env() first (under torchrun), or pass distributed='auto'"
-            )
-        return world if self.distributed is not False and world.size > 1 else None
-
-    def _handshake(self, world: World, params: list[Tensor]) -> None:
-        """Check once per world (and after loading a state) that every rank runs the same optimizer."""
-        if self._agreed_world == world.size:
-            return
-        name = type(self).__name__
-        agree({
-            "optimizer": name,
-            "parameters (shape, dtype, device type)": [
-                (tuple(p.shape), str(p.dtype).removeprefix("torch."), p.device.type) for p in params],
-            "hyperparameters": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
-            "settings": self._settings(),
-            "seed": self.seed,
-            "step counters": (self.num_steps, self.num_curvature_steps, self.num_good_steps),
-            "probe generator state": hashlib.sha256(self.generator.get_state().numpy().tobytes()).hexdigest()[:16],
-            "loss scale": self.loss_scale,
-        }, what=f"{name} handshake", advice="every rank must build the same model and optimizer (same seed) "
-                                            "and load the same checkpoint")
-        self._agreed_world = world.size
-
-    def _check_closures(self, counts: list[int], step: int) -> None:
-        if any(c != counts[0] for c in counts):
-            raise ValueError(
-                f"the ranks passed different numbers of closures to step {step}: "
-                + ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
-                + "; every rank must accumulate the same number of micro-batches"
-            )
-
-    def _shared_draws(self, count: int, device: torch.device) -> tuple[int, int]:
-        """``(offset, total)``: where this rank's ``count`` random draws (one per item of the
-        micro-batch in progress) lie among all ranks' draws, in rank order.
-
-        Every rank draws ``total`` numbers from its generator, which stays identical on all ranks,
-        and uses its slice, so the draws are those of one process on the concatenated micro-batch.
-        ``(0, count)`` in a local step. One all-reduce of ``2 W`` integers.
-        """
-        if self._world is None:
-            return 0, count
-        everyone = gather_counts(count, self._num_closures, device=device,
-                                 what=f"{type(self).__name__} sample counts")
-        self._check_closures([c[1] for c in everyone], self.num_steps + 1)
-        counts = [c[0] for c in everyone]
-        return sum(counts[: self._world.rank]), sum(counts)
-
-    def _sum_over_ranks(self, world: World, params: list[Tensor], losses: list[Tensor], grads: list,
-                        raw: list, refresh: bool, step: int) -> tuple[Tensor, list, list]:
-        """The loss, gradient and (on refresh steps) raw curvature summed over all ranks' micro-batches.
-
-        One bucketed all-reduce of the gradients (zeros where a rank's loss does not depend on
-        a parameter), the raw quantities, and a tail ``[loss, present per parameter, closures per
-        rank]``: a parameter keeps a ``None`` gradient only if no rank's loss depends on it.
-        """
-        loss = torch.stack(losses).sum()
-        tail = torch.zeros(1 + len(params) + world.size, dtype=loss.dtype, device=loss.device)
-        tail[0] = loss
-        tail[1 : 1 + len(params)] = torch.tensor([g is not None for g in grads], dtype=loss.dtype)
-        tail[1 + len(params) + world.rank] = len(losses)
-        local = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-        summed = sum_over_ranks(local + (list(raw) if refresh else []) + [tail],
-                                what=f"{type(self).__name__} gradient and curvature")
-        tail = summed[-1]
-        present, closures = tail[1 : 1 + len(params)].tolist(), tail[1 + len(params) :].tolist()
-        self._check_closures([round(c) for c in closures], step)
-        grads = [g if here else None for g, here in zip(summed[: len(params)], present)]
-        return tail[0], grads, summed[len(params) : -1] if refresh else raw
-
-    def _combine(self, raw: list, count: int) -> list:
-        """Estimates from the raw quantities averaged over ``count`` micro-batches (default: as they are)."""
-        return raw
-
-    def _finish(self, counted, total: int) -> None:
-        """Hook after a step with the summed return values of :meth:`_update` and the coordinate count."""
-
+    # ---- the step --------------------------------------------------------------------
     def step(self, closure: Closure | Sequence[Closure] | None = None) -> Tensor:  # type: ignore[override]
         """One step: ``closure()`` computes the loss (no ``backward``, no ``zero_grad``), or a list
         of closures, one per micro-batch. Returns the (mean) loss; data-parallel, the mean over
@@ -291,63 +180,170 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 "step(closure) with closure() returning the loss, without calling backward "
                 "(or step([closure, ...]) with one closure per micro-batch)"
             )
-        step = self.num_steps + 1
-        refresh = (step - 1) % self.every == 0
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        self.loss_scale = float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0
-        world = self._data_parallel_world()
-        if world is not None:
-            self._handshake(world, params)
-        self._world, self._num_closures = world, len(closures)
+        step = self.num_steps + 1
+        reducer = self._reducer()
+        if reducer.distributed:
+            self._handshake(reducer, params)
+        ctx = StepContext(step=step, refresh=(step - 1) % self.curvature_every == 0, num_closures=len(closures),
+                          loss_scale=float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0,
+                          reducer=reducer, generator=self.generator)
         probes_state = self.generator.get_state()
-        losses, grads, raw = [], None, None
-        with torch.enable_grad():
-            for i, micro in enumerate(closures):
-                if i and refresh and self.same_probes_per_micro_batch:
-                    self.generator.set_state(probes_state)
-                out = micro()
-                loss = checked_loss(self._loss_of(out), step)
-                if self.grad_scaler is not None:
-                    out = self._with_loss(out, self.grad_scaler.scale(loss))
-                _, g, r = self._derivatives(out, params, step, refresh)
-                losses.append(loss.detach())
-                grads, raw = _add(grads, g), _add(raw, r)
+        try:
+            return self._step(ctx, closures, params, probes_state)
+        except BaseException:
+            self.generator.set_state(probes_state)  # a refused step leaves no trace
+            raise
+
+    def _step(self, ctx: StepContext, closures: list[Closure], params: list[Tensor], probes_state: Tensor) -> Tensor:
+        losses, grads, raw, weight = self._evaluate(ctx, closures, params, probes_state)
         n = len(closures)
-        if world is None:
+        if not ctx.reducer.distributed:
             mean_loss = losses[0] if n == 1 else torch.stack(losses).mean()
         else:  # sums over the n W micro-batches of all ranks
-            n *= world.size
-            loss_sum, grads, raw = self._sum_over_ranks(world, params, losses, grads, raw, refresh, step)
+            n *= ctx.reducer.size
+            loss_sum, grads, raw, weight = self._sum_over_ranks(ctx, params, losses, grads, raw, weight)
             mean_loss = loss_sum / n
         if self.grad_scaler is not None:
-            grads = _scale(grads, 1 / self.loss_scale)
-            raw = self._unscale(raw, self.loss_scale) if refresh else raw
+            grads = _scale(grads, 1 / ctx.loss_scale)
+            raw = self.estimator.unscale(raw, ctx.loss_scale) if ctx.refresh else raw
         if n > 1:
             grads, raw = _scale(grads, 1 / n), _scale(raw, 1 / n)
-        estimates = self._combine(raw, n) if refresh else raw
+        estimates = self.estimator.combine(raw, weight) if ctx.refresh else raw
         if not _all_finite([mean_loss], grads, estimates):
             if not _all_finite([mean_loss]):
                 raise FloatingPointError(
-                    f"the loss at step {step} is {mean_loss.item()}; parameters were not changed")
+                    f"the loss at step {ctx.step} is {mean_loss.item()}; parameters were not changed")
             if self.grad_scaler is not None:
-                self._rescale(found_inf=True)  # the scaled derivatives overflowed: skip, as GradScaler does
+                self._rescale(ctx.loss_scale, found_inf=True)  # the scaled derivatives overflowed: skip
                 return mean_loss
-            check_finite(step, gradient=grads, curvature=estimates)
-        self.num_steps, self.num_curvature_steps = step, self.num_curvature_steps + int(refresh)
+            check_finite(ctx.step, gradient=grads, curvature=estimates)
+        self._apply(ctx, params, grads, estimates)
+        if self.grad_scaler is not None:
+            self._rescale(ctx.loss_scale, found_inf=False)
+        return mean_loss
+
+    def _evaluate(self, ctx: StepContext, closures: list[Closure], params: list[Tensor], probes_state: Tensor):
+        """Per micro-batch: the checked loss and its derivatives, summed over the micro-batches."""
+        losses: list[Tensor] = []
+        grads: list | None = None
+        raw: list | None = None
+        weight: Tensor | None = None
+        with torch.enable_grad():
+            for i, micro in enumerate(closures):
+                if i and ctx.refresh and self.estimator.same_probes_per_micro_batch:
+                    self.generator.set_state(probes_state)
+                out = micro()
+                loss = checked_loss(self.estimator.loss_of(out), ctx.step)
+                if self.grad_scaler is not None:
+                    out = self.estimator.with_loss(out, self.grad_scaler.scale(loss))
+                if ctx.refresh:
+                    est = self.estimator.estimate(out, params, ctx)
+                else:
+                    est = Estimate(torch.autograd.grad(self.estimator.loss_of(out), params, allow_unused=True),
+                                   [None] * len(params))
+                check_dense(est.gradient, params, f" at step {ctx.step}")
+                losses.append(loss.detach())
+                grads, raw = _add(grads, est.gradient), _add(raw, est.curvature)
+                if est.weight is not None:
+                    weight = est.weight if weight is None else weight + est.weight
+        return losses, grads, raw, weight
+
+    def _sum_over_ranks(self, ctx: StepContext, params: list[Tensor], losses: list[Tensor], grads: list,
+                        raw: list, weight: Tensor | None) -> tuple[Tensor, list, list, Tensor | None]:
+        """The loss, gradient and (on refresh steps) raw curvature and weight summed over all ranks.
+
+        One bucketed reduction of the gradients (zeros where a rank's loss does not depend on a
+        parameter), the raw quantities, and a tail ``[loss, weight, present per parameter,
+        closures per rank]``: a parameter keeps a ``None`` gradient only if no rank's loss
+        depends on it.
+        """
+        reducer, k = ctx.reducer, len(params)
+        loss = torch.stack(losses).sum()
+        tail = torch.zeros(2 + k + reducer.size, dtype=loss.dtype, device=loss.device)
+        tail[0] = loss
+        if weight is not None:
+            tail[1] = weight
+        tail[2 : 2 + k] = torch.tensor([g is not None for g in grads], dtype=loss.dtype)
+        tail[2 + k + reducer.rank] = len(losses)
+        local = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        summed = reducer.sum(local + (list(raw) if ctx.refresh else []) + [tail],
+                             what=f"{type(self).__name__} gradient and curvature")
+        tail = summed[-1]
+        present, closures = tail[2 : 2 + k].tolist(), tail[2 + k :].tolist()
+        check_same_closures([round(c) for c in closures], ctx.step)
+        grads = [g if here else None for g, here in zip(summed[:k], present)]
+        return tail[0], grads, summed[k:-1] if ctx.refresh else raw, tail[1] if weight is not None else None
+
+    def _apply(self, ctx: StepContext, params: list[Tensor], grads: list, estimates: list) -> None:
+        """Momentum and the update rule, per group, for the parameters that have a gradient."""
+        self.num_steps, self.num_curvature_steps = ctx.step, self.num_curvature_steps + int(ctx.refresh)
         found = dict(zip(map(id, params), zip(grads, estimates)))
-        counted, total = 0, 0
+        counted: Tensor | int = 0
+        total = 0
         with torch.no_grad():
             for group in self.param_groups:
                 live = [(p, *found[id(p)]) for p in group["params"] if id(p) in found and found[id(p)][0] is not None]
-                if live:
-                    ps, gs, es = (list(column) for column in zip(*live))
-                    counted = counted + self._update(group, ps, gs, es if refresh else None)
-                    total += sum(p.numel() for p in ps)
-        self._finish(counted, total)
-        if self.grad_scaler is not None:
-            self._rescale(found_inf=False)
-        return mean_loss
+                if not live:
+                    continue
+                ps, gs, es = (list(column) for column in zip(*live))
+                states = self._states(ps, ctx.refresh)
+                exp_avgs = [s["exp_avg"] for s in states]
+                torch._foreach_mul_(exp_avgs, group["betas"][0])
+                torch._foreach_add_(exp_avgs, gs, alpha=1 - group["betas"][0])
+                counted = counted + self._update(group, ps, gs, states, es if ctx.refresh else None)
+                total += sum(p.numel() for p in ps)
+        self.last_count, self.last_total = counted, total
 
+    def _states(self, params: list[Tensor], refresh: bool) -> list[dict]:
+        """The parameters' states (created at first use: momentum, the optimizer's buffers and the
+        counters), counters advanced."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state.update({"step": 0, "curvature_step": 0, "exp_avg": torch.zeros_like(p)})
+                state.update({name: torch.zeros_like(p) for name in self.buffers})
+            state["step"] += 1
+            state["curvature_step"] += int(refresh)
+        return states
+
+    # ---- data parallelism and mixed precision -----------------------------------------
+    def _reducer(self) -> Reducer:
+        """The reducer of this step (torch.distributed may have been initialized since construction)."""
+        return reducer_for(self.distributed)
+
+    def _handshake(self, reducer: Reducer, params: list[Tensor]) -> None:
+        """Check once per world (and after loading a state) that every rank runs the same optimizer."""
+        if self._agreed_world == reducer.size:
+            return
+        name = type(self).__name__
+        reducer.agree({
+            "optimizer": name,
+            "parameters (shape, dtype, device type)": [
+                (tuple(p.shape), str(p.dtype).removeprefix("torch."), p.device.type) for p in params],
+            "hyperparameters": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+            "settings": {"curvature_every": self.curvature_every, **self.estimator.settings()},
+            "seed": self.seed,
+            "step counters": (self.num_steps, self.num_curvature_steps, self.num_good_steps),
+            "probe generator state": digest(self.generator.get_state()),
+            "loss scale": float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0,
+        }, what=f"{name} handshake", advice="every rank must build the same model and optimizer (same seed) "
+                                            "and load the same checkpoint")
+        self._agreed_world = reducer.size
+
+    def _rescale(self, loss_scale: float, found_inf: bool) -> None:
+        """GradScaler's dynamic schedule (backoff on overflow, growth every interval), through its public API."""
+        s = self.grad_scaler
+        if found_inf:
+            new, self.num_good_steps = loss_scale * s.get_backoff_factor(), 0
+        else:
+            self.num_good_steps += 1
+            new = loss_scale
+            if self.num_good_steps == s.get_growth_interval():
+                new, self.num_good_steps = new * s.get_growth_factor(), 0
+        s.update(new)
+
+    # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
         out = super().state_dict()
         out["second_order"] = {"num_steps": self.num_steps, "num_curvature_steps": self.num_curvature_steps,
@@ -355,6 +351,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict`; states saved before per-parameter counters
+        existed get them from the optimizer's counters."""
         extra = state_dict.get("second_order")
         if extra is None:
             raise ValueError(f"not a {type(self).__name__} state_dict (no 'second_order' entry)")
@@ -362,4 +360,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self.num_steps, self.num_curvature_steps = extra["num_steps"], extra["num_curvature_steps"]
         self.num_good_steps = extra["num_good_steps"]
         self.generator.set_state(extra["generator"])
+        for state in self.state.values():
+            if state and "step" not in state:
+                state["step"], state["curvature_step"] = self.num_steps, self.num_curvature_steps
         self._agreed_world = None  # the ranks must agree on the loaded state
