@@ -88,6 +88,7 @@ class EigenResult:
     which: str
     method: str
     residual_history: tuple[tuple[float, ...], ...] = ()
+    block_size: int = 1
 
 
 @dataclass(frozen=True)
