@@ -1,15 +1,23 @@
 r"""Extreme eigenpairs of a symmetric operator.
 
-* ``method="lanczos"`` (default): thick-restart Lanczos (Wu & Simon 2000, equivalent to
-  implicitly restarted Lanczos, Sorensen 1992) with full reorthogonalization (two passes of
-  classical Gram-Schmidt). Each cycle extends the basis to ``ncv`` vectors, takes the Ritz pairs
-  of :math:`T = V^\top A V` after every step, and stops as soon as every wanted Ritz pair has residual
-  :math:`\|A y - \theta y\| = |\beta_m s_{m}| \le \mathrm{tol}\cdot\|A\|` (estimated by the largest
-  Ritz value in magnitude). Otherwise it keeps the best ``k + (ncv - k) // 2`` Ritz vectors plus
-  the residual direction and continues (the arrowhead restart).
+* ``method="lanczos"`` (default): thick-restart band Lanczos (block Lanczos, Golub & Underwood
+  1977, built one column at a time as in Ruhe 1979; thick restart, Wu & Simon 2000, equivalent
+  to implicitly restarted Lanczos, Sorensen 1992) with full reorthogonalization (two passes of
+  classical Gram-Schmidt), from a random block of ``block_size`` vectors (default ``k``). Each
+  cycle extends the basis to ``ncv`` vectors, takes the Ritz pairs of :math:`T = V^\top A V` after
+  every step, and stops as soon as every wanted Ritz pair has residual
+  :math:`\|A y - \theta y\| = \|C s\| \le \mathrm{tol}\cdot\|A\|` (:math:`C` the coupling to the
+  ``block_size`` pending vectors; :math:`\|A\|` estimated by the largest Ritz value in magnitude).
+  Otherwise it keeps the best ``k + (ncv - k) // 2`` Ritz vectors plus the pending block and
+  continues (the arrowhead restart).
 * ``method="power"``: block power (subspace) iteration with Rayleigh-Ritz, one batched product of
   ``k`` vectors per iteration, stopping on the same residual test; for ``which`` other than
   ``"magnitude"`` it runs on the spectrally shifted :math:`A + cI` or :math:`cI - A`.
+
+Repeated eigenvalues: the Krylov space of one vector holds one copy of each eigenvalue in exact
+arithmetic, whatever its multiplicity; a random block of ``b`` vectors holds ``b`` copies
+(generically). A residual certifies that a value is an eigenvalue, never that no copy was missed,
+so pairs ranked after a value found ``b`` times are reported ``converged=False``.
 
 ``which``: ``"largest"`` and ``"smallest"`` are algebraic (the sharpness is the largest);
 ``"magnitude"`` is the largest :math:`|\lambda|`, which is what PyHessian's power iteration returns.
@@ -247,22 +255,15 @@ def uncertified(theta: Tensor, block_size: int, resolution: float) -> Tensor:
     return (full[:, None] & after).any(0)
 
 
-def solver(p: int, k: int, which: str, tol: float, method: str, max_matvecs: int, ncv: int | None,
-           block_size: int, gen, dtype: torch.dtype, device) -> Solver:
-    """The solver of ``method`` for a ``p x p`` problem (``ncv`` and ``block_size`` are Lanczos's)."""
-    if method == "lanczos":
-        return lanczos(p, k, which, tol, max_matvecs, ncv, block_size, gen, dtype, device)
-    return power(p, k, which, tol, max_matvecs, gen, dtype, device)
-
-
-def result(run: _Run, which: str, method: str, block_size: int, tol: float, dtype: torch.dtype) -> EigenResult:
-    """The EigenResult of a run: ``converged`` only where the residual passed and the rank is certified."""
-    converged = run.converged & ~uncertified(run.eigenvalues, block_size, tol * run.norm)
-    return EigenResult(
-        eigenvalues=run.eigenvalues.to(dtype), eigenvectors=run.eigenvectors, residuals=run.residuals.to(dtype),
-        converged=converged, num_matvecs=run.num_matvecs, num_restarts=run.num_restarts, which=which,
-        method=method, residual_history=run.history, block_size=block_size,
-    )
+def dense(p: int, k: int, which: str, dtype: torch.dtype, device) -> Solver:
+    """All eigenpairs of a small ``p x p`` matrix from one product with the identity (``p`` columns)."""
+    M = (yield torch.eye(p, dtype=dtype, device=device)).double()
+    theta, S = torch.linalg.eigh((M + M.T) / 2)
+    idx = _order(theta, which)[:k]
+    vectors = S[:, idx]
+    residuals = (M @ vectors - vectors * theta[idx]).norm(dim=0)
+    return _Run(theta[idx], vectors.to(dtype), residuals, torch.ones(len(idx), dtype=torch.bool), p, 0, (),
+                float(theta.abs().max()))
 
 
 def default_block_size(k: int, ncv: int | None, method: str) -> int:
@@ -272,27 +273,65 @@ def default_block_size(k: int, ncv: int | None, method: str) -> int:
     return k if ncv is None or method == "power" else min(k, max(2, (ncv - k) // 4))
 
 
-def check_arguments(P: int, k: int, which: str, tol: float | None, method: str, max_matvecs: int | None,
-                    ncv: int | None, block_size: int | None, dtype: torch.dtype) -> tuple[float, int, int]:
-    """Validate the arguments of :func:`eigenvalues`; returns ``tol``, ``max_matvecs`` and the block size."""
-    if which not in _WHICH:
-        raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
-    if not isinstance(k, int) or not 1 <= k < P:
-        raise ValueError(f"k must be an integer with 1 <= k < P = {P}, got {k!r}; for all eigenvalues use torch.linalg.eigvalsh on A.to_dense()")
-    if method not in ("lanczos", "power"):
-        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
-    tol = _default_tol(dtype) if tol is None else tol
-    if tol <= 0:
-        raise ValueError(f"tol must be positive, got {tol}")
-    max_matvecs = max(500, 50 * k) if max_matvecs is None else max_matvecs
-    if max_matvecs < 1:
-        raise ValueError(f"max_matvecs must be >= 1, got {max_matvecs}")
-    block_size = default_block_size(k, ncv, method) if block_size is None else block_size
-    if not isinstance(block_size, int) or not 1 <= block_size <= k:
-        raise ValueError(f"block_size must be an integer with 1 <= block_size <= k = {k}, got {block_size!r}")
-    if method == "power" and block_size != k:
-        raise ValueError(f"the power method iterates a block of k = {k} vectors; got block_size={block_size}")
-    return tol, max_matvecs, block_size
+@dataclass(frozen=True)
+class Problem:
+    """The validated arguments of one eigenvalue problem of size ``p``: builds its solver and
+    turns the solver's run into an :class:`EigenResult`."""
+
+    p: int
+    k: int
+    which: str
+    tol: float
+    method: str
+    max_matvecs: int
+    ncv: int | None
+    block_size: int
+
+    @classmethod
+    def checked(cls, p: int, k: int, which: str, tol: float | None, method: str, max_matvecs: int | None,
+                ncv: int | None, block_size: int | None, dtype: torch.dtype) -> Problem:
+        """Validate the arguments of :func:`eigenvalues` and fill in the defaults."""
+        if which not in _WHICH:
+            raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
+        if not isinstance(k, int) or not 1 <= k < p:
+            raise ValueError(f"k must be an integer with 1 <= k < P = {p}, got {k!r}; for all eigenvalues use torch.linalg.eigvalsh on A.to_dense()")
+        if method not in ("lanczos", "power"):
+            raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+        tol = _default_tol(dtype) if tol is None else tol
+        if tol <= 0:
+            raise ValueError(f"tol must be positive, got {tol}")
+        max_matvecs = max(500, 50 * k) if max_matvecs is None else max_matvecs
+        if max_matvecs < 1:
+            raise ValueError(f"max_matvecs must be >= 1, got {max_matvecs}")
+        block_size = default_block_size(k, ncv, method) if block_size is None else block_size
+        if not isinstance(block_size, int) or not 1 <= block_size <= k:
+            raise ValueError(f"block_size must be an integer with 1 <= block_size <= k = {k}, got {block_size!r}")
+        if method == "power" and block_size != k:
+            raise ValueError(f"the power method iterates a block of k = {k} vectors; got block_size={block_size}")
+        return cls(p, k, which, tol, method, max_matvecs, ncv, block_size)
+
+    @classmethod
+    def small(cls, p: int, k: int, which: str, dtype: torch.dtype) -> Problem:
+        """A block solved densely: every eigenpair, so every copy (``block_size = p``)."""
+        return cls(p, min(k, p), which, _default_tol(dtype), "dense", p, None, p)
+
+    def solver(self, gen, dtype: torch.dtype, device) -> Solver:
+        """A fresh solver of ``method`` drawing its start from ``gen``."""
+        if self.method == "dense":
+            return dense(self.p, self.k, self.which, dtype, device)
+        if self.method == "lanczos":
+            return lanczos(self.p, self.k, self.which, self.tol, self.max_matvecs, self.ncv, self.block_size, gen,
+                           dtype, device)
+        return power(self.p, self.k, self.which, self.tol, self.max_matvecs, gen, dtype, device)
+
+    def result(self, run: _Run, dtype: torch.dtype) -> EigenResult:
+        """The EigenResult of ``run``: ``converged`` where the residual passed and the rank is certified."""
+        converged = run.converged & ~uncertified(run.eigenvalues, self.block_size, self.tol * run.norm)
+        return EigenResult(
+            eigenvalues=run.eigenvalues.to(dtype), eigenvectors=run.eigenvectors, residuals=run.residuals.to(dtype),
+            converged=converged, num_matvecs=run.num_matvecs, num_restarts=run.num_restarts, which=self.which,
+            method=self.method, residual_history=run.history, block_size=self.block_size,
+        )
 
 
 def eigenvalues(
@@ -330,9 +369,8 @@ def eigenvalues(
     """
     A = as_operator(A)
     P = A.shape[0]
-    tol, max_matvecs, block_size = check_arguments(P, k, which, tol, method, max_matvecs, ncv, block_size, A.dtype)
+    problem = Problem.checked(P, k, which, tol, method, max_matvecs, ncv, block_size, A.dtype)
     gen = make_generator(seed, A)
-    with ticking(A, progress, max_matvecs, f"eigenvalues ({method})") as op, torch.no_grad():
-        problem = solver(P, k, which, tol, method, max_matvecs, ncv, block_size, gen, A.dtype, A.device)
-        (run,) = lockstep(op, [(slice(0, P), problem)])
-    return result(run, which, method, block_size, tol, A.dtype)
+    with ticking(A, progress, problem.max_matvecs, f"eigenvalues ({method})") as op, torch.no_grad():
+        (run,) = lockstep(op, [(slice(0, P), problem.solver(gen, A.dtype, A.device))])
+    return problem.result(run, A.dtype)
