@@ -207,3 +207,51 @@ def test_seed_reproducible_and_global_rng_untouched(method, well_separated, spec
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a.eigenvalues, b.eigenvalues) and torch.equal(a.eigenvectors, b.eigenvectors)
     assert torch.equal(a.eigenvectors, g.eigenvectors)
+
+
+# ---- repeated eigenvalues (issue 13) -----------------------------------------------------------
+
+
+def _repeated_top(multiplicity: int) -> torch.Tensor:
+    """A top eigenvalue 5.0 of the given multiplicity above 4.0, 3.5 and a bulk in [-1, 1]."""
+    top = torch.tensor([5.0] * multiplicity + [4.0, 3.5], dtype=torch.float64)
+    return torch.cat([top, torch.linspace(1.0, -1.0, N - multiplicity - 2, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("multiplicity, k", [(3, 3), (3, 5), (4, 4), (4, 6), (6, 3)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_lanczos_finds_every_copy_of_a_repeated_top(multiplicity, k, seed, spectra):
+    """Single-vector Lanczos returned [5, 5, 4] for a triple 5 and certified it; the default block
+    of k vectors holds every copy the wanted set needs."""
+    A = spectra.matrix(_repeated_top(multiplicity), seed=10 + seed)
+    exact = torch.linalg.eigh(A).eigenvalues.flip(0)[:k]  # dense float64 reference
+    r = secondorder.eigenvalues(A, k=k, seed=seed)
+    assert r.block_size == k and bool(r.converged.all())
+    assert float((r.eigenvalues - exact).abs().max()) <= 1e-8 * 5.0
+    V = r.eigenvectors
+    assert float((V.T @ V - torch.eye(k, dtype=V.dtype)).abs().max()) <= 1e-10  # independent copies
+    assert float((A @ V - V * r.eigenvalues).norm(dim=0).max()) <= 1e-9 * 5.0
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_small_block_never_certifies_a_set_that_may_miss_copies(block_size, seed, spectra):
+    """With block size b < multiplicity, a result may hold too few copies of 5.0; every pair it
+    reports as converged must then be a correct top eigenvalue (the rest are marked unconverged)."""
+    A = spectra.matrix(_repeated_top(4), seed=20 + seed)
+    exact = torch.linalg.eigh(A).eigenvalues.flip(0)[:5]
+    r = secondorder.eigenvalues(A, k=5, seed=seed, block_size=block_size, ncv=40)
+    assert r.block_size == block_size
+    good = (r.eigenvalues - exact).abs() <= 1e-8 * 5.0
+    assert bool(good[r.converged].all()), (r.eigenvalues.tolist(), r.converged.tolist())
+    assert not bool(r.converged.all()) or bool(good.all())
+    assert bool(r.converged[0])  # the top value itself is certified by its residual
+
+
+def test_block_size_is_checked(matrices):
+    A, _ = matrices["clustered"]
+    for b in (0, 4, 2.0):
+        with pytest.raises(ValueError, match="block_size must be an integer"):
+            secondorder.eigenvalues(A, k=3, block_size=b)
+    with pytest.raises(ValueError, match="power method iterates a block of k"):
+        secondorder.eigenvalues(A, k=3, method="power", block_size=1)

@@ -1,48 +1,56 @@
-"""Per-block (per-layer) spectra: the extreme eigenvalues of every diagonal block in one call.
+r"""Per-block (per-layer) spectra: the extreme eigenvalues of every diagonal block in one call.
 
 The diagonal block :math:`H_{bb}` of a layer is the curvature of the loss in that layer's
 parameters with the others fixed; its top eigenvalue is the layer sensitivity of HAWQ
-(Dong et al. 2019). Blocks small enough are solved densely.
+(Dong et al. 2019).
+
+All blocks are solved in lockstep (:func:`~secondorder.linalg.eigen.lockstep`): each round
+stacks every unfinished block's next Lanczos vector, zero outside its block, into one
+``[P, L]`` block :math:`V` and multiplies once. Column ``b`` of :math:`AV` restricted to block
+``b``'s rows is :math:`A_{bb} v_b`, so each block's Lanczos sees exactly the products it would see
+alone, and the whole spectrum costs the data passes of the slowest block instead of their sum.
+Blocks small enough are solved densely from their identity columns, stacked into the first round.
 """
 
 from __future__ import annotations
 
 import torch
 
-from secondorder.linalg.eigen import _order, eigenvalues
-from secondorder.linalg.probes import Seed
+from secondorder.linalg.eigen import Problem, lockstep
+from secondorder.linalg.probes import Seed, make_generator
+from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import EigenResult
 from secondorder.operators.base import LinearOperator, as_operator
 
 
-def _dense_block(op: LinearOperator, k: int, which: str) -> EigenResult:
-    """All eigenpairs of a small block from its dense matrix (``size`` products)."""
-    start = op.num_matvecs
-    M = op.to_dense().double()
-    theta, S = torch.linalg.eigh((M + M.T) / 2)
-    idx = _order(theta, which)[:k]
-    vectors = S[:, idx]
-    residuals = (M @ vectors - vectors * theta[idx]).norm(dim=0)
-    return EigenResult(
-        eigenvalues=theta[idx].to(op.dtype), eigenvectors=vectors.to(op.dtype), residuals=residuals.to(op.dtype),
-        converged=torch.ones(len(idx), dtype=torch.bool), num_matvecs=op.num_matvecs - start, num_restarts=0,
-        which=which, method="dense",
-    )
-
-
 def block_eigenvalues(
-    A: LinearOperator | torch.Tensor, k: int = 1, which: str = "largest", seed: Seed = None, **kwargs
+    A: LinearOperator | torch.Tensor,
+    k: int = 1,
+    which: str = "largest",
+    seed: Seed = None,
+    tol: float | None = None,
+    method: str = "lanczos",
+    max_matvecs: int | None = None,
+    ncv: int | None = None,
+    block_size: int | None = None,
+    progress: bool = False,
 ) -> dict[str, EigenResult]:
     """The ``k`` extreme eigenpairs of every diagonal block of ``A``, keyed by block name.
 
     Blocks with at most ``max(2 k + 10, 20)`` coordinates are solved densely (at most ``k`` of
-    their eigenpairs are returned); larger ones by :func:`~secondorder.eigenvalues` with
-    ``kwargs`` (``tol``, ``method``, ``max_matvecs``, ``ncv``).
+    their eigenpairs are returned); larger ones as by :func:`~secondorder.eigenvalues` with
+    ``tol``, ``method``, ``max_matvecs``, ``ncv`` and ``block_size`` (budgets per block), each from
+    its own generator of ``seed``, all in lockstep: one product of ``A`` per round.
     """
     A = as_operator(A)
-    out = {}
-    for b in A.blocks:
-        op = A.block(b.name)
-        small = b.size <= max(2 * k + 10, 20)
-        out[b.name] = _dense_block(op, k, which) if small else eigenvalues(op, k, which, seed=seed, **kwargs)
-    return out
+    problems = [
+        Problem.small(b.size, k, which, A.dtype) if b.size <= max(2 * k + 10, 20)
+        else Problem.checked(b.size, k, which, tol, method, max_matvecs, ncv, block_size, A.dtype)
+        for b in A.blocks
+    ]
+    total = sum(p.max_matvecs for p in problems)
+    with ticking(A, progress, total, f"block eigenvalues ({method})") as op, torch.no_grad():
+        solvers = [(slice(b.start, b.stop), p.solver(make_generator(seed, A), A.dtype, A.device))
+                   for b, p in zip(A.blocks, problems)]
+        runs = lockstep(op, solvers)
+    return {b.name: p.result(run, A.dtype) for b, p, run in zip(A.blocks, problems, runs)}

@@ -77,6 +77,12 @@ class EigenResult:
     within ``residuals[i]`` of ``theta_i`` (Bauer-Fike for symmetric matrices).
     ``residual_history`` holds the wanted residuals at every convergence check (every Lanczos
     step from the k-th on, every power iteration), for convergence plots.
+
+    Residuals certify each value, not that no copies of a repeated eigenvalue were missed: a
+    Krylov method from a block of ``block_size`` random vectors finds (generically) at most
+    ``block_size`` copies. ``converged[i]`` is therefore ``False`` also for a pair ranked after a
+    value found ``block_size`` times, where further copies may belong; a multiplicity above
+    ``block_size`` of the last value returned is harmless (its copies would rank after ``k``).
     """
 
     eigenvalues: Tensor
@@ -88,6 +94,7 @@ class EigenResult:
     which: str
     method: str
     residual_history: tuple[tuple[float, ...], ...] = ()
+    block_size: int = 1
 
 
 @dataclass(frozen=True)
