@@ -20,6 +20,7 @@ from secondorder.cli.common import (
     add_default_model_options,
     add_model_options,
     add_output_options,
+    atomic_directory,
     device_of,
     join_torchrun,
     own_problem,
@@ -29,7 +30,7 @@ from secondorder.cli.common import (
 )
 from secondorder.distributed import shutdown
 from secondorder.distributed.reducer import RankReducer, Reducer
-from secondorder.operators.data import as_batches
+from secondorder.data import as_batches
 from secondorder.environment import describe
 
 EPILOG = """\
@@ -156,7 +157,8 @@ def _run(args: argparse.Namespace, world) -> tuple[dict | None, str]:
         return None, ""
     context.update({"curvature": args.curvature, "seed": args.seed, "machine": describe(device),
                     "total seconds": f"{time.perf_counter() - start:.1f}"})
-    summary = write_report(analysis, args.out, title="secondorder analyze: Hessian report", context=context,
-                           evolution=evolution)
+    with atomic_directory(args.out) as tmp:
+        summary = write_report(analysis, tmp, title="secondorder analyze: Hessian report", context=context,
+                               evolution=evolution)
     table = summary_table(analysis) + f"\nreport: {args.out / 'report.html'} (also report.md, summary.json and PNGs)"
     return summary, table

@@ -17,20 +17,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from secondorder.analysis.report import atomic_directory
 from secondorder.cli.common import (
     FACTORIES_HELP,
     UsageError,
     add_default_model_options,
     add_model_options,
     add_output_options,
+    atomic_directory,
     device_of,
     own_problem,
     parameter_names,
     wants_own_model,
 )
 from secondorder.environment import describe
-from secondorder.operators.data import as_batches, call_model, to_device
+from secondorder.data import as_batches, call_model, to_device
 from secondorder.quant import (
     allocate_bits,
     allocate_bits_ilp,

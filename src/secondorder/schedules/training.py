@@ -37,8 +37,7 @@ from torch import Tensor, nn
 
 from secondorder.linalg import eigenvalues
 from secondorder.operators import HessianOperator
-from secondorder.operators.data import _seed as seed_rng
-from secondorder.operators.data import call_model, to_device
+from secondorder.data import call_model, seed_global_rng, to_device
 from secondorder.schedules.adaptive_batch import AdaptiveBatchSize
 
 __all__ = ["AdaptiveBatchTrainer", "EpochRecord", "fgsm", "top_eigenvalue"]
@@ -347,7 +346,7 @@ class AdaptiveBatchTrainer:
         c = self.controller
         batch, lr, fraction = c.batch_size, c.lr, c.adversarial_fraction
         self._set_lr(lr)
-        seed_rng(int(torch.randint(0, 2**62, (1,), generator=self.generator)), self.device)  # dropout (forked RNG)
+        seed_global_rng(int(torch.randint(0, 2**62, (1,), generator=self.generator)), self.device)  # dropout (forked RNG)
         order = torch.randperm(len(self.data), generator=self.generator)
         total, steps = 0.0, 0
         self.model.train()
