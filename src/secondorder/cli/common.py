@@ -128,6 +128,18 @@ def add_default_model_options(group) -> None:
 
 
 @contextmanager
+def user_input(what: str) -> Iterator[None]:
+    """Report the ``ValueError`` of a check of what the user gave (``what``: the options) as a :class:`UsageError`.
+
+    Wrap only calls that check the user's input: an error anywhere else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except ValueError as err:
+        raise UsageError(f"{what}: {str(err).strip().splitlines()[0]}") from err
+
+
+@contextmanager
 def atomic_directory(out: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; on success its files replace those of ``out``,
     on error it vanishes (so bad input leaves nothing written)."""
