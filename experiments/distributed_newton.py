@@ -60,7 +60,7 @@ from secondorder.newton import (  # noqa: E402
     sketched_hessians,
 )
 from secondorder.newton import simulator  # noqa: E402
-from secondorder.newton.datasets import load_dataset  # noqa: E402
+from secondorder.datasets.glm import load_dataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("australian", "ionosphere", "wisconsin")

@@ -72,6 +72,17 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(project, capsys, arg
     assert sorted(p.name for p in root.iterdir()) == before  # no rep/, no temporary directory left
 
 
+def test_a_library_error_is_not_masked_as_bad_input(project, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr("secondorder.cli.analyze.analyze", broken)
+    with pytest.raises(ValueError, match="an internal bug"):  # its traceback shows, not exit status 2
+        main(own("--out", "rep"))
+    assert not (project[0] / "rep").exists()
+
+
+@pytest.mark.slow  # ~10-25 s on 2 cores: CI runs it (--run-slow)
 def test_default_model_and_global_rng(tmp_path, capsys):
     state = torch.get_rng_state()
     out = tmp_path / "default"
@@ -121,6 +132,7 @@ ANALYZE_SMALL = ["analyze", "--epochs", "1", "--probes", "12", "--slq-probes", "
                  "--top-k", "2", "--bottom-k", "0", "--max-matvecs", "60", "--no-landscape", "--quiet"]
 
 
+@pytest.mark.slow  # ~10-25 s on 2 cores: CI runs it (--run-slow)
 def test_under_torchrun_ranks_share_the_batches_and_rank_0_writes_the_single_process_report(tmp_path):
     from secondorder.distributed import launch
 

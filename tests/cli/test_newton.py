@@ -10,7 +10,7 @@ import pytest
 from secondorder.cli import main
 from secondorder.distributed import launch
 from secondorder.newton import LogisticRegression, simulate
-from secondorder.newton.datasets import load_dataset
+from secondorder.datasets.glm import load_dataset
 
 from . import workers
 

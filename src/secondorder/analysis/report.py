@@ -1,7 +1,7 @@
 """Writing the report: ``report.html`` (self-contained, images embedded), ``report.md``, ``summary.json`` and PNGs.
 
-Everything is written into a temporary directory beside ``out`` and moved into place only when
-complete, so an error never leaves a half-written report.
+The files go straight into the directory given; the ``secondorder`` command writes into a
+temporary one and moves it into place when complete (:func:`secondorder.cli.common.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -9,40 +9,17 @@ from __future__ import annotations
 import base64
 import html
 import json
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from secondorder.analysis import plots
 from secondorder.analysis.evolution import EvolutionPoint
 from secondorder.analysis.hessian_report import HessianAnalysis
 
-__all__ = ["atomic_directory", "summary_table", "write_report"]
+__all__ = ["summary_table", "write_report"]
 
 Table = tuple[list[str], list[list[str]]]
-
-
-@contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success its files replace those of ``out``, on error it vanishes."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            for item in tmp.iterdir():
-                item.replace(out / item.name)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
 
 
 def _g(x: float, digits: int = 6) -> str:
@@ -152,19 +129,20 @@ def _html(title: str, context: dict, tables, figs, tmp: Path) -> str:
 
 def write_report(analysis: HessianAnalysis, out: str | Path, title: str = "Hessian analysis",
                  context: dict | None = None, evolution: Sequence[EvolutionPoint] | None = None) -> dict:
-    """Write the report into ``out`` (created, or its files replaced) atomically; returns the summary.
+    """Write the report's files into the directory ``out`` (created if missing; files of the same names
+    are replaced); returns the summary.
 
     ``summary.json`` (the returned dict) holds the analysis (:meth:`HessianAnalysis.to_dict`,
     loadable with :meth:`HessianAnalysis.from_dict` from its ``"analysis"`` entry), the context
     and the evolution.
     """
     context = dict(context or {})
-    with atomic_directory(out) as tmp:
-        tables = _tables(analysis, evolution)
-        figs = _figures(analysis, evolution, tmp)
-        summary = {"context": context, "analysis": analysis.to_dict(),
-                   "evolution": [asdict(p) for p in evolution or ()]}
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        (tmp / "report.md").write_text(_markdown(title, context, tables, figs))
-        (tmp / "report.html").write_text(_html(title, context, tables, figs, tmp))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = _tables(analysis, evolution)
+    figs = _figures(analysis, evolution, out)
+    summary = {"context": context, "analysis": analysis.to_dict(), "evolution": [asdict(p) for p in evolution or ()]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "report.md").write_text(_markdown(title, context, tables, figs))
+    (out / "report.html").write_text(_html(title, context, tables, figs, out))
     return summary

@@ -1,7 +1,9 @@
 """The ``secondorder`` command line: ``analyze`` (the Hessian report) and ``quantize`` (HAWQ).
 
 Each subcommand module registers itself with ``add_parser(sub)`` and returns ``(summary dict,
-table text)`` from ``run(args)``; bad input is one line on stderr and exit status 2.
+table text)`` from ``run(args)``; bad input (a :class:`UsageError`, raised where a command checks
+what the user gave, or the user's model giving a non-finite loss) is one line on stderr and exit status 2, a :class:`DistributedError` one line
+and exit status 1; any other exception propagates with its traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from secondorder.cli import analyze, newton, quantize, train
 from secondorder.cli.common import UsageError
 from secondorder.distributed import DistributedError
+from secondorder.operators import NonFiniteError
 
 __all__ = ["main"]
 
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary, table = args.run(args)
-    except (UsageError, ValueError, TypeError, OSError, FloatingPointError, DistributedError) as err:
+    except (UsageError, NonFiniteError, DistributedError) as err:  # anything else is a bug: its traceback shows
         print(f"secondorder: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
               file=sys.stderr)
         return 1 if isinstance(err, DistributedError) else 2

@@ -20,17 +20,20 @@ from secondorder.cli.common import (
     add_default_model_options,
     add_model_options,
     add_output_options,
+    atomic_directory,
     device_of,
     join_torchrun,
     own_problem,
     parameter_names,
     under_torchrun,
+    user_input,
     wants_own_model,
 )
 from secondorder.distributed import shutdown
 from secondorder.distributed.reducer import RankReducer, Reducer
-from secondorder.operators.data import as_batches
+from secondorder.data import as_batches
 from secondorder.environment import describe
+from secondorder.validation import non_negative_int, positive_int
 
 EPILOG = """\
 examples:
@@ -97,7 +100,7 @@ def _default_model(args: argparse.Namespace, device: torch.device):
         from secondorder.datasets import Mnist1dCNN
         from secondorder.operators.params import select_parameters
 
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), user_input("--params"):
             select_parameters(Mnist1dCNN(), parameter_names(args))
     xtr, ytr, xte, yte = load_mnist1d()
     analysis_data = batches(xtr.to(device), ytr.to(device), 1000)
@@ -139,7 +142,16 @@ def run(args: argparse.Namespace) -> tuple[dict | None, str]:
         shutdown(wait=finished)
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """The estimators' budgets, checked before any work."""
+    with user_input("the estimator options"):
+        for name in ("top_k", "probes", "slq_probes", "slq_steps"):
+            positive_int(getattr(args, name), name)
+        non_negative_int(args.bottom_k, "bottom_k")
+
+
 def _run(args: argparse.Namespace, world) -> tuple[dict | None, str]:
+    _check_counts(args)
     device = device_of(args)
     start = time.perf_counter()
     args.quiet = args.quiet or (world is not None and world.rank != 0)  # rank 0 shows the progress
@@ -156,7 +168,8 @@ def _run(args: argparse.Namespace, world) -> tuple[dict | None, str]:
         return None, ""
     context.update({"curvature": args.curvature, "seed": args.seed, "machine": describe(device),
                     "total seconds": f"{time.perf_counter() - start:.1f}"})
-    summary = write_report(analysis, args.out, title="secondorder analyze: Hessian report", context=context,
-                           evolution=evolution)
+    with atomic_directory(args.out) as tmp:
+        summary = write_report(analysis, tmp, title="secondorder analyze: Hessian report", context=context,
+                               evolution=evolution)
     table = summary_table(analysis) + f"\nreport: {args.out / 'report.html'} (also report.md, summary.json and PNGs)"
     return summary, table

@@ -8,9 +8,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +82,7 @@ def loss_function(spec: str) -> Callable:
 
 def check_forward(model: torch.nn.Module, loss_fn: Callable, data: Any, device: torch.device) -> None:
     """One forward of the first batch, so that shape errors surface as one clear line."""
-    from secondorder.operators.data import as_batches, call_model, to_device
+    from secondorder.data import as_batches, call_model, to_device
 
     try:
         batches = as_batches(data)
@@ -122,6 +125,39 @@ def add_default_model_options(group) -> None:
     group.add_argument("--epochs", type=int, default=20, help="training epochs of the default model (default: 20)")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of training (default model) and probes (default: 0)")
+
+
+@contextmanager
+def user_input(what: str) -> Iterator[None]:
+    """Report the ``ValueError`` of a check of what the user gave (``what``: the options) as a :class:`UsageError`.
+
+    Wrap only calls that check the user's input: an error anywhere else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except ValueError as err:
+        raise UsageError(f"{what}: {str(err).strip().splitlines()[0]}") from err
+
+
+@contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside ``out``; on success its files replace those of ``out``,
+    on error it vanishes (so bad input leaves nothing written)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            for item in tmp.iterdir():
+                item.replace(out / item.name)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def add_output_options(parser: argparse.ArgumentParser, default_out: str) -> None:

@@ -16,10 +16,9 @@ import io
 import json
 import sys
 
-from secondorder.analysis.report import atomic_directory
-from secondorder.cli.common import UsageError, add_output_options, join_torchrun, under_torchrun
+from secondorder.cli.common import UsageError, add_output_options, atomic_directory, join_torchrun, under_torchrun
 from secondorder.distributed import DEFAULT_TIMEOUT, shutdown
-from secondorder.newton.datasets import DATASETS, load_dataset
+from secondorder.datasets.glm import DATASETS, load_dataset
 from secondorder.newton.engine import EFFECTIVE_DIMS, run_newton
 from secondorder.newton.problems import LogisticRegression, effective_dimension, newton_solve
 from secondorder.newton.processes import ProcessCluster

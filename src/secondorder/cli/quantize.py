@@ -17,20 +17,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-from secondorder.analysis.report import atomic_directory
 from secondorder.cli.common import (
     FACTORIES_HELP,
     UsageError,
     add_default_model_options,
     add_model_options,
     add_output_options,
+    atomic_directory,
     device_of,
     own_problem,
     parameter_names,
+    user_input,
     wants_own_model,
 )
 from secondorder.environment import describe
-from secondorder.operators.data import as_batches, call_model, to_device
+from secondorder.data import as_batches, call_model, to_device
 from secondorder.quant import (
     allocate_bits,
     allocate_bits_ilp,
@@ -233,14 +234,16 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     macs = layer_macs(model, to_device(first[0], device))
     pins = _pins(args.pin)
     ties = [tuple(x.strip() for x in t.split(",") if x.strip()) for t in args.tie]
-    allocation, budget, bops_budget = _allocate(args, sens, macs, pins, ties)
+    with user_input("the bit allocation (--budget-*, --bops, --pin, --tie)"):
+        allocation, budget, bops_budget = _allocate(args, sens, macs, pins, ties)
     results = {"full precision": evaluate(model, loss_fn, eval_data, device)}
     qmodel = quantize(model, allocation.bits, granularity=args.granularity, group_size=args.group_size)
     results["quantized (PTQ)"] = evaluate(qmodel, loss_fn, eval_data, device)
     if args.finetune_epochs:
         finetune(qmodel, loss_fn, fine_data, epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet)
         results[f"quantized + {args.finetune_epochs} QAT epochs"] = evaluate(qmodel, loss_fn, eval_data, device)
-    frontier = pareto_frontier(omega, sens.sizes(), pinned=pins, tied=ties)
+    with user_input("the bit allocation (--pin, --tie)"):
+        frontier = pareto_frontier(omega, sens.sizes(), pinned=pins, tied=ties)
     context.update({"sensitivity": f"HAWQ-{args.sensitivity.upper()}", "granularity": args.granularity,
                     "candidate bits": list(bits), "size budget (bits)": math.floor(budget),
                     "BOPs budget": bops_budget, "machine": describe(device)})

@@ -21,19 +21,19 @@ from pathlib import Path
 
 import torch
 
-from secondorder.analysis.report import atomic_directory
 from secondorder.cli.common import (
     FACTORIES_HELP,
     UsageError,
     add_model_options,
     add_output_options,
+    atomic_directory,
     call_factory,
     device_of,
     own_problem,
     wants_own_model,
 )
 from secondorder.environment import describe
-from secondorder.operators.data import as_batches
+from secondorder.data import as_batches
 from secondorder.schedules import AdaptiveBatchSize, AdaptiveBatchTrainer
 
 SCHEDULES = ("absa", "abs", "fixed")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from secondorder.distributed.process_group import all_reduce, current_world
+from secondorder.validation import positive
 
 __all__ = ["BUCKET_BYTES", "gather_counts", "sum_over_ranks"]
 
@@ -37,8 +38,7 @@ def sum_over_ranks(tensors: list[Tensor], *, what: str, bucket_bytes: float = BU
     Every rank must pass the same shapes and dtypes in the same order. In a world of one the
     buffers are reduced by the identity.
     """
-    if not bucket_bytes > 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    positive(bucket_bytes, "bucket_bytes")
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)

@@ -18,6 +18,7 @@ from secondorder.linalg.probes import Seed, make_generator, rademacher
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SpectralDensityResult
 from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.validation import positive_int
 
 
 def spectral_density(
@@ -42,9 +43,8 @@ def spectral_density(
         :class:`SpectralDensityResult` with real ``nodes`` and ``weights`` (rows sum to 1).
     """
     A = as_operator(A)
-    for name, value in (("num_probes", num_probes), ("num_steps", num_steps)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    positive_int(num_probes, "num_probes")
+    positive_int(num_steps, "num_steps")
     P = A.shape[0]
     m = min(num_steps, P)
     gen = make_generator(seed, A)

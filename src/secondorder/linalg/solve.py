@@ -18,6 +18,7 @@ from torch import Tensor
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SolveResult
 from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.validation import positive
 
 
 def _damped(A: LinearOperator, damping: float, V: Tensor) -> Tensor:
@@ -127,8 +128,7 @@ def solve(
         raise ValueError(f"b must be [{P}] or [{P}, K] to match the operator, got {shape}")
     if method not in ("cg", "minres"):
         raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
-    if tol <= 0:
-        raise ValueError(f"tol must be positive, got {tol}")
+    positive(tol, "tol")
     maxiter = 10 * P if maxiter is None else maxiter
     if maxiter < 1:
         raise ValueError(f"maxiter must be >= 1, got {maxiter}")

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from secondorder.newton.problems import DTYPE, _check_lam
+from secondorder.newton.problems import DTYPE, check_lam
 from secondorder.newton.sketches import RowSketch
 
 AVERAGING = ("uniform", "determinantal")
@@ -44,7 +44,7 @@ def scaled_regularization(lam: float, effective_dim: float, m: int) -> ScaledReg
     ``lam`` is the global regularizer, ``effective_dim`` the :math:`d_\\lambda` of the loss-part
     Hessian at the current iterate, ``m`` the per-machine sketch size.
     """
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     if not (effective_dim >= 0 and m > effective_dim):
         raise ValueError(
             f"scaled regularization needs 0 <= d_lambda < m, got d_lambda={effective_dim}, m={m}; "
@@ -78,7 +78,7 @@ def stacked_rows(sketches: Sequence[RowSketch]) -> Tensor:
 def sketched_hessians(sketches: Sequence[RowSketch], local_lam: float) -> Tensor:
     """Stack :math:`\\hat H_k = \\tilde A_k^\\top\\tilde A_k + \\lambda' I` into [q, d, d]
     (one batched product over :func:`stacked_rows`)."""
-    local_lam = _check_lam(local_lam)
+    local_lam = check_lam(local_lam)
     rows = stacked_rows(sketches)
     return rows.mT @ rows + local_lam * torch.eye(rows.shape[2], dtype=DTYPE)
 
@@ -88,7 +88,7 @@ def local_directions_cg(rows: Tensor, local_lam: float, gradient: Tensor, iterat
     :math:`(\\tilde A_k^\\top\\tilde A_k + \\lambda' I)p = g` for all machines at once, matrix-free
     (each step costs two [r, d] products per machine instead of forming Ĥ_k). No
     log-determinants (NaN): determinantal averaging needs the Cholesky solver."""
-    local_lam = _check_lam(local_lam)
+    local_lam = check_lam(local_lam)
     if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
         raise ValueError(f"CG iterations must be a positive integer, got {iterations!r}")
     apply = lambda v: (rows.mT @ (rows @ v.unsqueeze(-1))).squeeze(-1) + local_lam * v
@@ -144,7 +144,7 @@ class CombinedDirection:
 def local_regularization(lam: float, effective_dim: float, m: int, scaled: bool) -> ScaledRegularization:
     """The machines' regularizer and the combined step's scale: :func:`scaled_regularization`
     when ``scaled``, else λ itself and scale 1."""
-    return scaled_regularization(lam, effective_dim, m) if scaled else ScaledRegularization(_check_lam(lam), 1.0)
+    return scaled_regularization(lam, effective_dim, m) if scaled else ScaledRegularization(check_lam(lam), 1.0)
 
 
 def machine_weights(averaging: str, logdets: Tensor, max_logdet: float) -> Tensor:

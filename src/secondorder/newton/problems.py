@@ -68,7 +68,8 @@ def _as_targets(labels: Tensor, n: int) -> Tensor:
     return y
 
 
-def _check_lam(lam: float) -> float:
+def check_lam(lam: float) -> float:
+    """``lam`` (the L2 regularizer) as a float, if it is positive and finite."""
     lam = float(lam)
     if not (math.isfinite(lam) and lam > 0):
         raise ValueError(f"lam (the L2 regularizer) must be a positive finite number, got {lam}")
@@ -103,7 +104,7 @@ class GLMProblem:
         x = _as_matrix(self.features)
         object.__setattr__(self, "features", x)
         object.__setattr__(self, "labels", _as_targets(self.labels, x.shape[0]))
-        object.__setattr__(self, "lam", _check_lam(self.lam))
+        object.__setattr__(self, "lam", check_lam(self.lam))
 
     @property
     def num_samples(self) -> int:
@@ -236,7 +237,7 @@ def effective_dimension(factor: Tensor, lam: float) -> float:
 def gram_effective_dimension(gram: Tensor, lam: float) -> float:
     """:math:`d_\\lambda = \\sum_i \\mu_i/(\\mu_i + \\lambda)` over the eigenvalues μ of the Gram
     matrix :math:`A^\\top A` (d x d; what a data-parallel run can all-reduce)."""
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     mu = torch.linalg.eigvalsh(torch.as_tensor(gram, dtype=DTYPE)).clamp_min(0.0)
     return float((mu / (mu + lam)).sum())
 

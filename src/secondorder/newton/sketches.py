@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from secondorder.newton.problems import DTYPE, _check_lam, effective_dimension
+from secondorder.newton.problems import DTYPE, check_lam, effective_dimension
 
 ROW_DISTRIBUTIONS = ("uniform", "leverage")
 
@@ -78,7 +78,7 @@ def _check_size(m: int, d: int) -> int:
 def ridge_leverage_scores(factor: Tensor, lam: float) -> Tensor:
     """:math:`\\ell_i = a_i^\\top (A^\\top A + \\lambda I)^{-1} a_i`; they sum to :math:`d_\\lambda`."""
     a = _check_factor(factor)
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     gram = a.T @ a + lam * torch.eye(a.shape[1], dtype=DTYPE)
     chol = torch.linalg.cholesky(gram)
     b = torch.linalg.solve_triangular(chol, a.T, upper=False)  # L^{-1} A^T
@@ -199,7 +199,7 @@ class RidgeDPP:
     def from_factor(factor: Tensor, lam: float) -> "RidgeDPP":
         """Eigendecompose :math:`A^\\top A/\\lambda` once; reuse for many samples."""
         a = _check_factor(factor)
-        lam = _check_lam(lam)
+        lam = check_lam(lam)
         mu, v = torch.linalg.eigh(a.T @ a / lam)
         return RidgeDPP(a, lam, mu.clamp_min(0.0), v)
 
@@ -246,7 +246,7 @@ def surrogate_sketch(
     """
     a = _check_factor(factor)
     m = _check_size(m, a.shape[1])
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     d_lam = effective_dimension(a, lam)
     probs = row_probabilities(a, distribution, lam)
     dpp = RidgeDPP.from_factor(a, lam) if dpp is None else dpp

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from secondorder.distributed.process_group import current_world
 from secondorder.distributed.reducer import LOCAL, Reducer, reducer_for
 from secondorder.operators.base import LinearOperator
-from secondorder.operators.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
+from secondorder.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
 from secondorder.operators.output_hessians import output_hessian
 from secondorder.operators.params import ParamSelector, make_blocks, select_parameters
 from secondorder.operators.products import Sink, ggn_product, hessian_product, hessian_product_jvp

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secondorder.operators.data import call_model
+from secondorder.data import call_model
 from secondorder.quant.quantizers import quantizable_layers
 
 __all__ = ["layer_macs"]
@@ -38,7 +38,7 @@ def layer_macs(model: nn.Module, inputs: Any) -> dict[str, int]:
 
     One forward under ``torch.no_grad()`` with hooks; the model's mode, buffers and RNG are kept.
     """
-    from secondorder.operators.data import first_tensor, untouched
+    from secondorder.data import first_tensor, untouched
 
     layers = quantizable_layers(model)
     batch = first_tensor(inputs).shape[0] if first_tensor(inputs) is not None else 1

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from secondorder.operators.data import as_batches, call_model
+from secondorder.data import as_batches, call_model
 from secondorder.quant.quantizers import QuantizedLayer, wrap_layers
 
 __all__ = ["finetune", "quantize"]

@@ -28,7 +28,7 @@ from torch import nn
 
 from secondorder.linalg import block_eigenvalues, trace
 from secondorder.operators.curvature import HessianOperator
-from secondorder.operators.data import as_batches
+from secondorder.data import as_batches
 from secondorder.quant.quantizers import quantizable_layers, quantization_error
 
 __all__ = ["LayerSensitivity", "Sensitivities", "hawq_v1", "hawq_v2", "layer_sensitivities", "qbert"]

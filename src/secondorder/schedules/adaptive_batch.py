@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from secondorder.validation import positive_int
+
 __all__ = ["AdaptiveBatchSize", "BatchSizeDecision"]
 
 #: Reasons a decision gives for a batch increase.
@@ -50,12 +52,6 @@ class BatchSizeDecision:
     increased: bool
     reason: str
     needs_eigenvalue: bool
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -137,18 +133,18 @@ class AdaptiveBatchSize:
         warmup_epochs: int = 0,
         adaptive: bool = True,
     ):
-        _positive_int("base_batch_size", base_batch_size)
-        _positive_int("max_batch_size", max_batch_size)
+        positive_int(base_batch_size, "base_batch_size")
+        positive_int(max_batch_size, "max_batch_size")
         if max_batch_size < base_batch_size:
             raise ValueError(f"max_batch_size ({max_batch_size}) must be >= base_batch_size ({base_batch_size}); "
                              "pass max_batch_size=base_batch_size for a fixed batch")
         base_lr = _positive_float("base_lr", base_lr)
         if _positive_float("ratio", ratio) <= 1:
             raise ValueError(f"ratio must exceed 1 (the eigenvalue must fall by this factor), got {ratio!r}")
-        if _positive_int("growth", growth) < 2:
+        if positive_int(growth, "growth") < 2:
             raise ValueError(f"growth must be an integer >= 2 (the batch multiplier per increase), got {growth!r}")
         if patience is not None:
-            _positive_int("patience", patience)
+            positive_int(patience, "patience")
         if isinstance(adversarial_fraction, bool) or not isinstance(adversarial_fraction, (int, float)) \
                 or not 0 <= adversarial_fraction <= 1:
             raise ValueError(f"adversarial_fraction must lie in [0, 1] (0 for ABS), got {adversarial_fraction!r}")
@@ -157,7 +153,7 @@ class AdaptiveBatchSize:
             raise ValueError(f"adversarial_epochs must be a non-negative integer or None, got {adversarial_epochs!r}")
         milestones = tuple(lr_milestones)
         for m in milestones:
-            _positive_int("every lr milestone", m)
+            positive_int(m, "every lr milestone")
         if not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
         if max_lr is not None:

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from secondorder.linalg import eigenvalues
 from secondorder.operators import HessianOperator
-from secondorder.operators.data import _seed as seed_rng
-from secondorder.operators.data import call_model, to_device
+from secondorder.data import call_model, seed_global_rng, to_device
 from secondorder.schedules.adaptive_batch import AdaptiveBatchSize
+from secondorder.validation import positive_int
 
 __all__ = ["AdaptiveBatchTrainer", "EpochRecord", "fgsm", "top_eigenvalue"]
 
@@ -239,8 +239,7 @@ class AdaptiveBatchTrainer:
                 f"largest real batch is the full data set: pass max_batch_size <= {len(self.data)} to the controller")
         for name, value in (("max_micro_batch", max_micro_batch), ("eigen_batch_size", eigen_batch_size),
                             ("eigen_max_matvecs", eigen_max_matvecs)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(value, name)
         if not math.isfinite(float(epsilon)) or epsilon < 0:
             raise ValueError(f"epsilon must be a non-negative finite number, got {epsilon!r}")
         if controller.initial_adversarial_fraction > 0 and epsilon == 0:
@@ -347,7 +346,7 @@ class AdaptiveBatchTrainer:
         c = self.controller
         batch, lr, fraction = c.batch_size, c.lr, c.adversarial_fraction
         self._set_lr(lr)
-        seed_rng(int(torch.randint(0, 2**62, (1,), generator=self.generator)), self.device)  # dropout (forked RNG)
+        seed_global_rng(int(torch.randint(0, 2**62, (1,), generator=self.generator)), self.device)  # dropout (forked RNG)
         order = torch.randperm(len(self.data), generator=self.generator)
         total, steps = 0.0, 0
         self.model.train()

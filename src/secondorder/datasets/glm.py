@@ -1,4 +1,4 @@
-"""Benchmark data for distributed Newton: the three UCI sets of the NeurIPS'20 experiments, WDBC, synthetic.
+"""Benchmark data for generalized linear models (distributed Newton): four UCI sets and a synthetic one.
 
 ``load_dataset(name)`` returns ``(features, labels)``: float64 ``[n, d]`` features, standardized
 per column (zero mean, unit population variance; a constant column becomes all zeros), and float64

@@ -1,4 +1,5 @@
-"""Data handling for data-set curvature: one batch or a re-iterable of batches."""
+"""Batches and the global RNG, shared by the operators and the applications: one batch or a re-iterable of
+batches, moving and calling them, and seeding the (forked) generators per batch."""
 
 from __future__ import annotations
 
@@ -103,13 +104,17 @@ def seeded_batches(batches: Iterable, seed: int, device: torch.device) -> Iterat
     With a fixed mask per batch, and a fixed order of a shuffling DataLoader, the operator is
     one fixed matrix across products, as Lanczos and CG require.
     """
-    _seed(seed, device)  # before iter(): a shuffling DataLoader draws the same order on every product
+    seed_global_rng(seed, device)  # before iter(): a shuffling DataLoader draws the same order on every product
     for index, batch in enumerate(batches):
-        _seed(seed + index, device)
+        seed_global_rng(seed + index, device)
         yield index, batch
 
 
-def _seed(value: int, device: torch.device) -> None:
+def seed_global_rng(value: int, device: torch.device) -> None:
+    """Seed the global CPU generator and, for a CUDA ``device``, that device's default generator.
+
+    Dropout draws from these, so seeding them (inside :func:`untouched`'s fork) fixes the masks.
+    """
     torch.default_generator.manual_seed(value)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index or 0].manual_seed(value)

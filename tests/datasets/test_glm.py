@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from secondorder.newton.datasets import DATASETS, load_dataset, standardize
+from secondorder.datasets.glm import DATASETS, load_dataset, standardize
 
 SHAPES = {"australian": (690, 14), "ionosphere": (351, 33), "wisconsin": (683, 9),
           "breast_cancer": (569, 30), "synthetic": (1000, 20)}
