@@ -31,6 +31,13 @@ def test_former_refresh_period_names_warn_and_mean_the_same(case, old, new, monk
     assert all(torch.equal(a, b) for a, b in zip(got["params"], expected["params"]))
 
 
+@pytest.mark.parametrize("make, old", [(AdaHessian, "update_each"), (SophiaH, "k"), (SophiaG, "k")])
+def test_deprecation_warning_names_the_callers_line(make, old):
+    with pytest.warns(DeprecationWarning) as caught:
+        make(nn.Linear(3, 2).parameters(), **{old: 2})
+    assert caught[0].filename == __file__
+
+
 @pytest.mark.parametrize("make", [AdaHessian, SophiaH, SophiaG])
 @pytest.mark.parametrize("eps", [0.0, -1e-8])
 def test_non_positive_eps_is_refused(make, eps):

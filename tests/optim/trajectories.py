@@ -20,12 +20,12 @@ STEPS = 7
 
 CASES = {
     "adahessian": (AdaHessian, dict(lr=0.05)),
-    "adahessian_every3_wd": (AdaHessian, dict(lr=0.05, update_each=3, weight_decay=0.01)),
+    "adahessian_every3_wd": (AdaHessian, dict(lr=0.05, curvature_every=3, weight_decay=0.01)),
     "adahessian_diagonal_block_power": (AdaHessian, dict(lr=0.05, estimator="diagonal", block_size=2,
                                                          hessian_power=0.5, num_probes=3)),
-    "sophia_h": (SophiaH, dict(lr=0.01, rho=1.0, k=2)),
+    "sophia_h": (SophiaH, dict(lr=0.01, rho=1.0, curvature_every=2)),
     "sophia_h_defaults": (SophiaH, dict()),
-    "sophia_g": (SophiaG, dict(lr=0.01, rho=1.0, k=2)),
+    "sophia_g": (SophiaG, dict(lr=0.01, rho=1.0, curvature_every=2)),
     "sophia_g_defaults": (SophiaG, dict()),
 }
 VARIANTS = ("float64", "float32", "float64_3_closures", "float32_scaler")

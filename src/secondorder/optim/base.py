@@ -44,11 +44,15 @@ def validate_common(lr: float, betas: tuple[float, float], eps: float, weight_de
     validation.non_negative(weight_decay, "weight_decay")
 
 
-def curvature_period(curvature_every: int, old_name: str, old_value: int | None) -> int:
-    """The refresh period, accepting the optimizer's former keyword with a deprecation warning."""
+def curvature_period(curvature_every: int, old_name: str, old_value: int | None, depth: int = 1) -> int:
+    """The refresh period, accepting the optimizer's former keyword with a deprecation warning.
+
+    ``depth``: how many constructors lie between the user's call and this one (the warning names
+    the user's line).
+    """
     if old_value is not None:
         warnings.warn(f"{old_name}= is deprecated; use curvature_every= (the same meaning in every optimizer)",
-                      DeprecationWarning, stacklevel=3)
+                      DeprecationWarning, stacklevel=2 + depth)
         curvature_every = old_value
     return validation.positive_int(curvature_every, "curvature_every (steps between curvature refreshes)")
 

@@ -53,7 +53,7 @@ class _Sophia(SecondOrderOptimizer):
         validate_common(lr, betas, eps, weight_decay)
         if not rho > 0:
             raise ValueError(f"rho (the clipping scale gamma) must be positive, got {rho}")
-        every = curvature_period(curvature_every, "k", k)
+        every = curvature_period(curvature_every, "k", k, depth=2)
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, eps=eps, weight_decay=weight_decay),
                          estimator=estimator, buffers=("hessian",), curvature_every=every, seed=seed,
                          grad_scaler=grad_scaler, distributed=distributed)
