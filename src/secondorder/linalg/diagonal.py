@@ -17,7 +17,7 @@ from torch import Tensor
 
 from secondorder.linalg.probes import Seed, chunk_sizes, rademacher, run_estimator
 from secondorder.linalg.results import DiagonalResult
-from secondorder.linalg.sketch import leave_one_out_sketch
+from secondorder.linalg.sketch import LeaveOneOutSketch, LeaveTwoOut, leave_one_out_sketch, with_covariance
 from secondorder.operators.base import LinearOperator
 
 
@@ -45,7 +45,34 @@ def _xdiag(A: LinearOperator, m: int, gen: torch.Generator) -> Tensor:
     projected = (Q * Z).sum(1, keepdim=True) - (Q @ S) * (Z @ S)  # diag(Pi_i A), one column per i
     R_loo = sk.R - S * (S * sk.R).sum(0, keepdim=True)  # Q^T-coefficients of Pi_i A w_i
     estimates = projected + sk.Omega * (sk.Y - Q @ R_loo)
-    return torch.stack([estimates.mean(1), estimates.std(1) / math.sqrt(S.shape[1])], dim=1)
+    n = S.shape[1]
+    stderr = with_covariance(estimates.std(1) / math.sqrt(n), _pair_covariance(sk) / (n * (n - 1)))
+    return torch.stack([estimates.mean(1), stderr], dim=1)
+
+
+def _pair_covariance(sk: LeaveOneOutSketch) -> Tensor:
+    r""":math:`\sum_{i \ne j} D_{ij} \odot D_{ji}` ``[P]`` with :math:`D_{ij} = d_i - d_i^{(-j)}`, the
+    i-th XDiag sample minus the one whose sketch also leaves out probe ``j`` (no products).
+
+    :math:`\Pi_i - \Pi_{ij} = Qu_{ij}u_{ij}^\top Q^\top` (see :mod:`~secondorder.linalg.sketch`) gives
+    :math:`D_{ij} = Qu_{ij} \odot (Zu_{ij} - (u_{ij}^\top R e_i)\,\omega_i)`. One probe ``j`` at a time:
+    ``O(P m)`` memory.
+    """
+    pairs = LeaveTwoOut.of(sk.S)
+    QS, ZS = sk.Q @ sk.S, sk.Z @ sk.S
+    tau = pairs.along(sk.S.T @ sk.R)  # [i, j] = u_ij^T Q^T A w_i
+
+    def differences(i: Tensor, j: Tensor) -> Tensor:  # columns D_{i[k], j[k]}
+        rho, nu = pairs.rho[i, j], pairs.nu[i, j]
+        Qu = (QS[:, j] - rho * QS[:, i]) / nu
+        return Qu * ((ZS[:, j] - rho * ZS[:, i]) / nu - tau[i, j] * sk.Omega[:, i])
+
+    total = torch.zeros_like(QS[:, 0])
+    everyone = torch.arange(QS.shape[1], device=QS.device)
+    for j in everyone:
+        others, this = everyone[everyone != j], j.expand(QS.shape[1] - 1)
+        total += (differences(others, this) * differences(this, others)).sum(1)
+    return total
 
 
 _METHODS = {"hutchinson": (_hutchinson, 1), "xdiag": (_xdiag, 4)}
