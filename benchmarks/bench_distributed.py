@@ -56,7 +56,7 @@ from secondorder.optim import AdaHessian, SophiaH  # noqa: E402
 BLOCK = 10  # calls per timed block
 OPERATIONS = ["hvp", "adahessian", "sophiah", "adam_ddp"]
 LABELS = {"hvp": "Hessian-vector product (+ all-reduce)", "adahessian": "AdaHessian step",
-          "sophiah": "SophiaH step (k=10)", "adam_ddp": "Adam step, DDP (reference)"}
+          "sophiah": "SophiaH step (curvature_every=10)", "adam_ddp": "Adam step, DDP (reference)"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def make_call(name: str, device: torch.device, X: torch.Tensor, y: torch.Tensor)
         v = torch.randn(A.shape[0], generator=torch.Generator().manual_seed(1)).to(device)
         return lambda: A @ v
     if name in ("adahessian", "sophiah"):
-        opt = AdaHessian(params, lr=1e-3) if name == "adahessian" else SophiaH(params, lr=1e-3, k=10)
+        opt = AdaHessian(params, lr=1e-3) if name == "adahessian" else SophiaH(params, lr=1e-3, curvature_every=10)
         return lambda: opt.step(lambda: F.cross_entropy(model(X), y))
     if name == "adam_ddp":
         from torch.nn.parallel import DistributedDataParallel

@@ -6,7 +6,7 @@ fixed batch (128 random 1x28x28 images, random labels, float32). Steps are timed
 10; the blocks of all optimizers take turns (one block of each per round, ``gc.collect()``
 before each), so a slow phase of the machine hits them alike, and the reported time per step
 is the minimum block time over the rounds divided by 10. A block of 10 steps contains exactly
-2 curvature steps for ``update_each=5`` and exactly 1 for ``k=10``, whatever the phase.
+2 curvature steps for ``curvature_every=5`` and exactly 1 for ``curvature_every=10``, whatever the phase.
 
     python benchmarks/bench_optim.py                 # full run (about a minute on 2 cores)
     python benchmarks/bench_optim.py --quick         # smoke run
@@ -78,13 +78,13 @@ def make_step(name: str, model: nn.Module, X: torch.Tensor, y: torch.Tensor):
         return F.cross_entropy(model(X), y)
 
     if name.startswith("adahessian"):  # ours, "adahessian" or "adahessian_u5"
-        opt = AdaHessian(params, lr=LR, update_each=5 if name.endswith("_u5") else 1)
+        opt = AdaHessian(params, lr=LR, curvature_every=5 if name.endswith("_u5") else 1)
         return lambda: opt.step(loss)
     if name in ("sophiah", "sophiag"):
         if name == "sophiah":
-            opt = SophiaH(params, lr=LR, k=10)
+            opt = SophiaH(params, lr=LR, curvature_every=10)
             return lambda: opt.step(loss)
-        opt = SophiaG(params, lr=LR, k=10)
+        opt = SophiaG(params, lr=LR, curvature_every=10)
 
         def closure_g():
             logits = model(X)

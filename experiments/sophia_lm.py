@@ -37,7 +37,7 @@ def make_opt(name, params, lr, rho, seed):
     if name == "AdamW":
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     cls = SophiaG if name == "SophiaG" else SophiaH
-    return cls(params, lr=lr, rho=rho, k=10, weight_decay=0.2, seed=seed)
+    return cls(params, lr=lr, rho=rho, curvature_every=10, weight_decay=0.2, seed=seed)
 
 
 def train(name, data, seed, steps, eval_every, lr=None, rho=None):

@@ -41,7 +41,7 @@ def make_opt(name: str, params, seed: int, ah_lr: float):
     if name == "Adam":
         return torch.optim.Adam(params, lr=1e-3)
     n = int(name.split("=")[1])
-    return AdaHessian(params, lr=ah_lr, update_each=n, seed=seed)
+    return AdaHessian(params, lr=ah_lr, curvature_every=n, seed=seed)
 
 
 def run(name: str, seed: int, data, epochs: int, batch: int, ah_lr: float) -> dict:

@@ -51,14 +51,14 @@ def non_negative_int(value: Any, name: str) -> int:
 
 def positive(value: Any, name: str) -> float:
     """A real number > 0 (NaN refused); ``math.inf`` is allowed."""
-    if not isinstance(value, Real) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, Real) or isinstance(value, bool) or not float(value) > 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     return float(value)
 
 
 def non_negative(value: Any, name: str) -> float:
     """A real number >= 0 (NaN refused)."""
-    if not isinstance(value, Real) or isinstance(value, bool) or not value >= 0:
+    if not isinstance(value, Real) or isinstance(value, bool) or not float(value) >= 0:
         raise ValueError(f"{name} must be non-negative, got {value!r}")
     return float(value)
 

@@ -145,4 +145,4 @@ def landscape_2d(op: CurvatureOperator, first: Tensor, second: Tensor, names: tu
                 bar.update()
             rows.append(tuple(row))
     bar.close()
-    return Landscape2D(alphas, alphas, tuple(names), tuple(rows))
+    return Landscape2D(alphas, alphas, (names[0], names[1]), tuple(rows))

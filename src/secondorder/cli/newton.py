@@ -157,8 +157,8 @@ def _cluster(args, engine: str, problem):
         return ProcessCluster.from_shards(problem, shards, config=config, seed=args.seed), world.rank
     machines = 10 if args.machines is None else args.machines
     config = _config(args, problem.dim, machines)
-    shards = random_shards(problem.num_samples, machines, args.seed) if args.sharded else None
-    return SimulatedCluster(problem, machines=machines, config=config, shards=shards, seed=args.seed), 0
+    parts = random_shards(problem.num_samples, machines, args.seed) if args.sharded else None
+    return SimulatedCluster(problem, machines=machines, config=config, shards=parts, seed=args.seed), 0
 
 
 def _csv(rows: list[dict]) -> str:

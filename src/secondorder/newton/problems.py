@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -252,8 +253,21 @@ class NewtonResult:
     converged: bool
 
 
+class Objective(Protocol):
+    """What Newton's method needs of a problem: a :class:`GLMProblem`, or an engine's
+    :class:`~secondorder.newton.engine.Cluster` whose quantities are sums over machines."""
+
+    dim: int
+
+    def gradient(self, w: Tensor) -> Tensor: ...
+
+    def losses(self, points: Tensor) -> Tensor: ...
+
+    def hessian(self, w: Tensor) -> Tensor: ...
+
+
 def armijo_step(
-    problem: GLMProblem,
+    problem: Objective,
     w: Tensor,
     direction: Tensor,
     gradient: Tensor,
@@ -297,7 +311,7 @@ SOLVERS = ("exact", "cg")
 
 
 def newton_solve(
-    problem: GLMProblem,
+    problem: Objective,
     w0: Tensor | None = None,
     *,
     tol: float = 1e-12,
@@ -325,8 +339,10 @@ def newton_solve(
             break
         if solver == "exact":
             p = torch.linalg.solve(problem.hessian(w), g)
-        else:
+        elif isinstance(problem, GLMProblem):
             p = solve(HessianAt(problem, w), g, tol=min(0.5, math.sqrt(gnorm))).solution
+        else:
+            raise ValueError("solver='cg' needs a GLMProblem (matrix-free Hessian products); use solver='exact'")
         eta = armijo_step(problem, w, p, g)
         if eta == 0.0:
             break

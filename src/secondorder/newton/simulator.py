@@ -128,7 +128,7 @@ class SketchConfig:
                      generators: Sequence[torch.Generator], gradient: Tensor):
         """Steps 2-3 for the machines owning ``generators``; ``factors`` holds one factor per
         machine, or a single one all of them sample from. Returns (LocalSolves, local regularization)."""
-        reg = local_regularization(lam, d_lam, self.sketch_size, self.scaled_regularization)
+        reg = local_regularization(lam, d_lam, self.sketch_size, bool(self.scaled_regularization))
         if len(factors) == 1:
             sketches = draw_sketches(factors[0], self.sketch_size, lam, self.sketch, generators)
         else:

@@ -215,7 +215,7 @@ class RidgeDPP:
         if not bool(keep.any()):
             return torch.zeros(0, dtype=torch.long)
         u = self.factor @ (self.eigenvectors[:, keep] / torch.sqrt(self.lam * mu[keep]))
-        chosen = []
+        chosen: list[int] = []
         for _ in range(u.shape[1]):
             weights = (u**2).sum(dim=1).clamp_min(0.0)
             if chosen:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Sequence, Union
 
 from torch import Tensor, nn
 
@@ -68,7 +68,7 @@ def make_blocks(named: list[tuple[str, nn.Parameter]], granularity: str) -> tupl
     return tuple(blocks)
 
 
-def split_rows(V: Tensor, params: list[Tensor]) -> list[Tensor]:
+def split_rows(V: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     """Views of a ``[K, P]`` block as ``[K, *p.shape]`` pieces, one per parameter."""
     out, offset = [], 0
     for p in params:

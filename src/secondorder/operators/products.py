@@ -205,7 +205,7 @@ def hessian_product_jvp(
     def hvp(tangents: dict[str, Tensor]) -> tuple:
         return torch.func.jvp(gradient_of, (primals, *extra), (tangents, *extra_tangents), has_aux=True)
 
-    batched = torch.func.vmap(hvp, out_dims=(None, 0, None), randomness="same")
+    batched = torch.func.vmap(hvp, out_dims=(None, 0, None), randomness="same")  # type: ignore[arg-type]
     device = params[0].device
     rng = _rng_state(device)
     K = V.shape[0]
@@ -224,4 +224,5 @@ def hessian_product_jvp(
                 check_loss(loss)
             sink(start, pieces, tuple(products[n] for n in names))
             start += chunk.shape[0]
+    assert gradient is not None  # K == 0 computes it alone, K > 0 with the first chunk
     return tuple(gradient[n] for n in names)

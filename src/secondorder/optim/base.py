@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -88,7 +88,7 @@ def _add(acc: list | None, new) -> list:
     return [a if b is None else (b if a is None else a + b) for a, b in zip(acc, new)]
 
 
-def _all_finite(*lists: list) -> bool:
+def _all_finite(*lists: Sequence) -> bool:
     """Whether every tensor in the lists is finite, with one synchronisation per device.
 
     The infinity norm of a tensor is finite exactly when all its entries are, and
@@ -244,7 +244,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
                 if ctx.refresh:
                     est = self.estimator.estimate(out, params, ctx)
                 else:
-                    est = Estimate(torch.autograd.grad(self.estimator.loss_of(out), params, allow_unused=True),
+                    est = Estimate(torch.autograd.grad(cast(Tensor, self.estimator.loss_of(out)), params,
+                                                       allow_unused=True),
                                    [None] * len(params))
                 check_dense(est.gradient, params, f" at step {ctx.step}")
                 losses.append(loss.detach())
@@ -338,6 +339,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _rescale(self, loss_scale: float, found_inf: bool) -> None:
         """GradScaler's dynamic schedule (backoff on overflow, growth every interval), through its public API."""
         s = self.grad_scaler
+        assert s is not None, "only called with a GradScaler"
         if found_inf:
             new, self.num_good_steps = loss_scale * s.get_backoff_factor(), 0
         else:

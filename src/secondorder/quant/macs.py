@@ -10,7 +10,7 @@ one row of the weight).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ def _macs(module: nn.Module, output: torch.Tensor, batch: int) -> int:
         return per_sample * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     if isinstance(module, nn.Embedding):
         return 0  # a lookup, no multiplications
-    w = module.weight
+    w = cast(torch.Tensor, module.weight)
     return per_sample * (w.numel() // w.shape[0])
 
 
@@ -41,7 +41,8 @@ def layer_macs(model: nn.Module, inputs: Any) -> dict[str, int]:
     from secondorder.data import first_tensor, untouched
 
     layers = quantizable_layers(model)
-    batch = first_tensor(inputs).shape[0] if first_tensor(inputs) is not None else 1
+    first = first_tensor(inputs)
+    batch = first.shape[0] if first is not None else 1
     found: dict[str, int] = {}
     hooks = [module.register_forward_hook(
         lambda m, args, out, name=name: found.__setitem__(name, found.get(name, 0) + _macs(m, out, batch)))

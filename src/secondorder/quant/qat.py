@@ -78,7 +78,7 @@ def finetune(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     batches = list(as_batches(data))
     make_optimizer = make_optimizer or (lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum))
-    was_training, losses = qmodel.training, []
+    was_training, losses = qmodel.training, list[float]()
     qmodel.train()
     try:
         if order is None:

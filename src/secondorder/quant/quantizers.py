@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from numbers import Integral
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -127,6 +127,7 @@ def _absmax(w: Tensor, granularity: str, group_size: int | None) -> Tensor:
         return a.amax().reshape([1] * w.ndim)
     if granularity == "channel":
         return a.reshape(w.shape[0], -1).amax(dim=1).reshape(_channel_shape(w))
+    assert group_size is not None, "granularity='group' needs group_size (checked by the callers)"
     groups = w.shape[0] // group_size
     per_group = a.reshape(groups, -1).amax(dim=1)
     return per_group.repeat_interleave(group_size).reshape(_channel_shape(w))
@@ -301,6 +302,7 @@ class ActivationQuantizer(nn.Module):
         """``(s, z)`` from the stored range, in ``dtype``."""
         low = self.running_min.clamp(max=0).to(dtype)
         high = self.running_max.clamp(min=0).to(dtype)
+        assert self._bits is not None, "only called when the quantizer has bits"
         scale = (high - low) / (2 ** self._bits - 1)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale, torch.round(-low / scale)
@@ -378,7 +380,7 @@ class QuantizedLayer(nn.Module):
         x = self.act_quantizer(x)
         if self._weight_bits is None:
             return self.module(x, *args, **kwargs)
-        w_q = quantize_weight(self.module.weight, self._weight_bits, self.granularity, self.group_size)
+        w_q = quantize_weight(cast(Tensor, self.module.weight), self._weight_bits, self.granularity, self.group_size)
         return functional_call(self.module, {"weight": w_q}, (x, *args), kwargs)
 
 

@@ -135,6 +135,8 @@ class _Data:
     """``(inputs, targets)`` tensors or a map-style Dataset, indexed by tensors of sample indices."""
 
     def __init__(self, data: Any, name: str):
+        self.tensors: tuple[Tensor, Tensor] | None
+        self.dataset: Any
         if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
             if data[0].ndim == 0 or data[0].shape[0] != data[1].shape[0]:
                 raise ValueError(f"{name}: inputs and targets must share their first (sample) dimension, got "
@@ -266,7 +268,7 @@ class AdaptiveBatchTrainer:
         self._clip: tuple[float, float] | None = None if adversarial_clip in (None, "data") else \
             (float(adversarial_clip[0]), float(adversarial_clip[1]))
         self.eigen_batch_size = min(eigen_batch_size, len(self.data))
-        self.eigen_options = {"method": eigen_method, "tol": eigen_tol, "max_matvecs": eigen_max_matvecs}
+        self.eigen_options: dict[str, Any] = {"method": eigen_method, "tol": eigen_tol, "max_matvecs": eigen_max_matvecs}
         self.track_eigenvalue, self.progress = bool(track_eigenvalue), bool(progress)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.eigen_generator = torch.Generator().manual_seed(int(seed) + 1)
