@@ -8,6 +8,7 @@
 The data-parallel curvature operators are ``HessianOperator``/``GGNOperator(..., distributed=True)``.
 """
 
+from secondorder.distributed.buckets import sum_over_ranks
 from secondorder.distributed.process_group import (
     DEFAULT_TIMEOUT,
     DistributedError,
@@ -20,7 +21,6 @@ from secondorder.distributed.process_group import (
     launch,
     shutdown,
 )
-from secondorder.distributed.buckets import sum_over_ranks
 
 __all__ = [
     "DEFAULT_TIMEOUT", "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",

@@ -43,7 +43,8 @@ class DistributedError(RuntimeError):
 @dataclass(frozen=True)
 class World:
     """This process's ``rank`` in a group of ``size`` processes on ``backend`` ("none" when
-    torch.distributed is not initialized: a world of one), and the group's ``timeout`` in seconds."""
+    torch.distributed is not initialized: a world of one), and the group's ``timeout`` in seconds.
+    """
 
     rank: int
     size: int
@@ -141,7 +142,8 @@ def shutdown(*, wait: bool = True) -> None:
     """Leave the process group (a no-op when not initialized). With ``wait``, first wait at a
     barrier for the other ranks, so that none tears its connections down while another still
     reads from them. Call it at the end of a ``torchrun`` script: a gloo group left to the
-    interpreter's exit can abort the process."""
+    interpreter's exit can abort the process.
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
@@ -153,7 +155,8 @@ def shutdown(*, wait: bool = True) -> None:
 
 def agree(facts: dict[str, Any], *, what: str, advice: str) -> None:
     """Raise ``ValueError`` on every rank, naming the first fact the ranks disagree on and each
-    rank's value, unless all ranks passed equal ``facts`` (one ``all_gather_object``)."""
+    rank's value, unless all ranks passed equal ``facts`` (one ``all_gather_object``).
+    """
     everyone = all_gather_objects(facts, what=what)
     for key in facts:
         values = [f[key] for f in everyone]

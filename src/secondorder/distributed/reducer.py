@@ -56,16 +56,17 @@ class Reducer:
 
     def sum(self, tensors: list[Tensor], *, what: str, bucket_bytes: float = BUCKET_BYTES) -> list[Tensor]:
         """Every tensor summed over the ranks, in buckets of at most ``bucket_bytes`` (``math.inf``:
-        one buffer per device and dtype). ``what`` names the collective in errors."""
+        one buffer per device and dtype). ``what`` names the collective in errors.
+        """
         return list(tensors)
 
     def sum_with_totals(self, values: Tensor, *totals: float, what: str,
                         same: Tensor | None = None) -> tuple[Tensor, list[float]]:
-        """``values`` and the scalars ``totals`` summed over the ranks in one buffer.
+        r"""``values`` and the scalars ``totals`` summed over the ranks in one buffer.
 
         With ``same`` (e.g. the probes a product multiplied), also check that every rank passed
         the same tensor: its checksums :math:`c_r` travel in the buffer, and their spread
-        :math:`\overline{c^2} - \bar c^2` is zero iff (almost surely) all ranks agree; otherwise
+        :math:`\overline{c^2} - ar c^2` is zero iff (almost surely) all ranks agree; otherwise
         ``ValueError`` on every rank.
         """
         if not self.distributed:
@@ -119,7 +120,8 @@ LOCAL = Reducer()
 class RankReducer(Reducer):
     """Reductions over the initialized ``torch.distributed`` group (gloo or nccl), each under the
     group's timeout: a dead or hung rank makes the others raise
-    :class:`~secondorder.distributed.DistributedError` naming the collective."""
+    :class:`~secondorder.distributed.DistributedError` naming the collective.
+    """
 
     def __init__(self) -> None:
         if not current_world().distributed:
@@ -165,7 +167,8 @@ def check_option(distributed: Any) -> bool | str | Reducer:
 def reducer_for(distributed: bool | str | Reducer) -> Reducer:
     """The reducer a ``distributed=`` option asks for: ``"auto"`` reduces over the ranks whenever
     torch.distributed runs more than one process, ``True`` requires an initialized group,
-    ``False`` never communicates, and a :class:`Reducer` is used as it is."""
+    ``False`` never communicates, and a :class:`Reducer` is used as it is.
+    """
     if isinstance(check_option(distributed), Reducer):
         return distributed  # type: ignore[return-value]
     world = current_world()

@@ -78,6 +78,7 @@ class AdaHessian(SecondOrderOptimizer):
             ``True`` requires that, ``False`` never communicates. See
             :class:`~secondorder.optim.base.SecondOrderOptimizer`.
         update_each: deprecated name of ``curvature_every``.
+
     """
 
     def __init__(

@@ -169,14 +169,16 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     def _update(self, group: dict, params: list[Tensor], grads: list[Tensor], states: list[dict],
                 estimates: list[Tensor] | None) -> Tensor | int:
         """Update one group's parameters in place after the momentum (``estimates`` is None
-        between curvature refreshes); returns a count summed over groups into ``last_count``."""
+        between curvature refreshes); returns a count summed over groups into ``last_count``.
+        """
         raise NotImplementedError
 
     # ---- the step --------------------------------------------------------------------
     def step(self, closure: Closure | Sequence[Closure] | None = None) -> Tensor:  # type: ignore[override]
         """One step: ``closure()`` computes the loss (no ``backward``, no ``zero_grad``), or a list
         of closures, one per micro-batch. Returns the (mean) loss; data-parallel, the mean over
-        all ranks' micro-batches, the same on every rank."""
+        all ranks' micro-batches, the same on every rank.
+        """
         closures = [closure] if callable(closure) else list(closure or [])
         if not closures or not all(callable(c) for c in closures):
             raise ValueError(
@@ -302,7 +304,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _states(self, params: list[Tensor], refresh: bool) -> list[dict]:
         """The parameters' states (created at first use: momentum, the optimizer's buffers and the
-        counters), counters advanced."""
+        counters), counters advanced.
+        """
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if not state:
@@ -358,7 +361,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by :meth:`state_dict`; states saved before per-parameter counters
-        existed get them from the optimizer's counters."""
+        existed get them from the optimizer's counters.
+        """
         extra = state_dict.get("second_order")
         if extra is None:
             raise ValueError(f"not a {type(self).__name__} state_dict (no 'second_order' entry)")

@@ -79,7 +79,8 @@ def check_same_closures(counts: list[int], step: int) -> None:
 @dataclass(frozen=True)
 class Estimate:
     """One micro-batch's derivatives: the gradient (``None`` where the loss does not depend on a
-    parameter), raw curvature per parameter (summable), and a summed scalar ``weight``."""
+    parameter), raw curvature per parameter (summable), and a summed scalar ``weight``.
+    """
 
     gradient: tuple
     curvature: list

@@ -22,7 +22,8 @@ def momentum(exp_avgs: list[Tensor], grads: list[Tensor], beta1: float) -> None:
 
 def spatial_average(d: Tensor, block_size: int | None) -> Tensor:
     """Average ``d`` (shaped like its parameter) over AdaHessian's blocks and broadcast back:
-    kernels over their spatial extent, 2-D weights over contiguous ``block_size`` columns."""
+    kernels over their spatial extent, 2-D weights over contiguous ``block_size`` columns.
+    """
     if d.ndim >= 3:
         return d.mean(dim=tuple(range(2, d.ndim)), keepdim=True).expand_as(d)
     if d.ndim == 2 and block_size:
