@@ -93,8 +93,7 @@ def test_xdiag_more_accurate_on_decaying_spectrum(spectra):
 def test_hutchinson_exact_on_diagonal_matrix_streaming_in_chunks(spectra):
     d = torch.linspace(-2.0, 5.0, 50, dtype=spectra.dtype)
     op = DenseOperator(torch.diag(d))
-    op.chunk_size = 6  # 6 + 6 + 6 + 1
-    r = secondorder.diagonal(op, 19, method="hutchinson", seed=0)
+    r = secondorder.diagonal(op, 19, method="hutchinson", seed=0, probe_chunk=6)  # 6 + 6 + 6 + 1
     # z_i (D z)_i = d_i z_i^2 = d_i exactly for every probe
     assert r.num_matvecs == 19
     assert float((r.value - d).abs().max()) <= 1e-12
@@ -104,9 +103,8 @@ def test_hutchinson_exact_on_diagonal_matrix_streaming_in_chunks(spectra):
 class RecordingOperator(DenseOperator):
     """A dense operator that keeps every block it is multiplied with (the probes)."""
 
-    def __init__(self, matrix, chunk_size=None):
+    def __init__(self, matrix):
         super().__init__(matrix)
-        self.chunk_size = chunk_size
         self.seen = []
 
     def _matmat(self, V):
@@ -114,15 +112,15 @@ class RecordingOperator(DenseOperator):
         return super()._matmat(V)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 7])
-def test_hutchinson_streamed_statistics_match_two_pass(chunk_size, indefinite):
+@pytest.mark.parametrize("probe_chunk", [None, 7])
+def test_hutchinson_streamed_statistics_match_two_pass(probe_chunk, indefinite):
     """The value is the mean of z * Az over the probes actually used, and the stderr is their
     two-pass sample std / sqrt(m), also when the probes are streamed in chunks."""
-    op = RecordingOperator(indefinite, chunk_size)
-    r = secondorder.diagonal(op, M, method="hutchinson", seed=3)
+    op = RecordingOperator(indefinite)
+    r = secondorder.diagonal(op, M, method="hutchinson", seed=3, probe_chunk=probe_chunk)
     Z = torch.cat(op.seen, dim=1)
     assert Z.shape == (N, M) and bool((Z.abs() == 1).all())
-    assert len(op.seen) == (1 if chunk_size is None else math.ceil(M / chunk_size))
+    assert len(op.seen) == (1 if probe_chunk is None else math.ceil(M / probe_chunk))
     S = Z * (indefinite @ Z)
     # same arithmetic up to summation order: agreement to a few ulps of the entries of S
     tol = 1e-13 * float(S.abs().max())
@@ -136,18 +134,17 @@ def test_hutchinson_stderr_accurate_in_float32_when_diagonal_dominates(spectra):
     reported stderrs were off by ~10% (median) and up to 100% (clamped to 0) here."""
     R = spectra.matrix(torch.linspace(-1.0, 1.0, N, dtype=spectra.dtype), seed=7)
     A64 = 100.0 * torch.eye(N, dtype=spectra.dtype) + 0.05 * R
-    for chunk_size in (None, 7):
+    for probe_chunk in (None, 7):
         op64, op32 = DenseOperator(A64), DenseOperator(A64.float())
-        op64.chunk_size = op32.chunk_size = chunk_size
         for s in range(5):
             # same seed, same +-1 probes in both precisions
-            r64 = secondorder.diagonal(op64, M, method="hutchinson", seed=s)
-            r32 = secondorder.diagonal(op32, M, method="hutchinson", seed=s)
+            r64 = secondorder.diagonal(op64, M, method="hutchinson", seed=s, probe_chunk=probe_chunk)
+            r32 = secondorder.diagonal(op32, M, method="hutchinson", seed=s, probe_chunk=probe_chunk)
             assert r32.stderr.dtype == torch.float32
             # float32 rounds each sample z_i (Az)_i ~ 100 by ~1e-5, against a spread of ~0.03:
             # a relative error ~1e-3 in the stderr at worst; 1e-2 required.
             rel = (r32.stderr.double() - r64.stderr).abs() / r64.stderr
-            assert float(rel.max()) <= 1e-2, f"chunk {chunk_size}, seed {s}: stderr rel err {float(rel.max()):.3g}"
+            assert float(rel.max()) <= 1e-2, f"chunk {probe_chunk}, seed {s}: stderr rel err {float(rel.max()):.3g}"
 
 
 def test_result_shapes_and_counts(indefinite):

@@ -190,8 +190,7 @@ def test_hutchinson_exact_on_diagonal_matrix_streaming_in_chunks(spectra):
     # z_i^2 = 1 for Rademacher probes: every probe gives exactly tr(D), whatever the chunking.
     d = torch.linspace(-2.0, 5.0, 50, dtype=spectra.dtype)
     op = DenseOperator(torch.diag(d))
-    op.chunk_size = 7  # exercise the streamed path: 7 + 7 + 7 + 2 probes
-    r = secondorder.trace(op, 23, method="hutchinson", seed=0)
+    r = secondorder.trace(op, 23, method="hutchinson", seed=0, probe_chunk=7)  # streamed: 7 + 7 + 7 + 2 probes
     assert r.num_matvecs == 23
     assert abs(r.value - float(d.sum())) <= 1e-12
     assert r.stderr <= 1e-12

@@ -151,7 +151,7 @@ def test_loss_checks():
     model = mlp()
     X, y = data("mlp", "ce")
     A = HessianOperator(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), (X, y), backend="jvp")
-    with pytest.raises(ValueError, match="scalar tensor; batch 0"):
+    with pytest.raises(ValueError, match="the loss of batch 0 must be a scalar tensor"):
         A @ torch.ones(A.shape[0], dtype=torch.float64)
     from secondorder import NonFiniteError
 

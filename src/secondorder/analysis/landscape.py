@@ -23,7 +23,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from secondorder.operators.curvature import CurvatureOperator, NonFiniteError
+from secondorder.operators.curvature import CurvatureOperator
+from secondorder.operators.risk import NonFiniteError
 from secondorder.operators.params import split_rows
 
 __all__ = ["Landscape1D", "Landscape2D", "landscape_1d", "landscape_2d", "random_directions"]

@@ -15,19 +15,19 @@ import math
 import torch
 from torch import Tensor
 
-from secondorder.linalg.probes import Seed, chunk_sizes, rademacher, run_estimator
+from secondorder.linalg.probes import Seed, chunk_sizes, rademacher, run_estimator, with_probe_chunk
 from secondorder.linalg.results import DiagonalResult
 from secondorder.linalg.sketch import LeaveOneOutSketch, LeaveTwoOut, leave_one_out_sketch, with_covariance
 from secondorder.operators.base import LinearOperator
 
 
-def _hutchinson(A: LinearOperator, m: int, gen: torch.Generator) -> Tensor:
+def _hutchinson(A: LinearOperator, m: int, gen: torch.Generator, probe_chunk: int | None = None) -> Tensor:
     # streamed mean and centred sum of squares, merged per chunk (Chan, Golub, LeVeque 1979): the
     # one-pass sum(S^2) - m mean^2 cancels catastrophically when the spread is small next to diag(A)
     mean = torch.zeros(A.shape[0], dtype=A.dtype, device=A.device)
     m2 = torch.zeros_like(mean)
     count = 0
-    for k in chunk_sizes(A, m):
+    for k in chunk_sizes(m, probe_chunk):
         Z = rademacher(A, k, gen)
         S = Z * (A @ Z)
         chunk_mean = S.mean(1)
@@ -79,19 +79,24 @@ _METHODS = {"hutchinson": (_hutchinson, 1), "xdiag": (_xdiag, 4)}
 
 
 def diagonal(
-    A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutchinson", seed: Seed = None, progress: bool = False
+    A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutchinson", seed: Seed = None, progress: bool = False,
+    *, probe_chunk: int | None = None,
 ) -> DiagonalResult:
     """Estimate ``diag(A)`` with ``num_matvecs`` products.
 
     Args:
         A: a symmetric operator or dense tensor.
         num_matvecs: the budget (XDiag needs >= 4).
-        method: ``"hutchinson"`` (default; streams probes in the operator's ``chunk_size``) or ``"xdiag"``.
+        method: ``"hutchinson"`` (default) or ``"xdiag"``.
         seed: an int, a ``torch.Generator`` or ``None``.
         progress: show a progress bar of the products on stderr.
+        probe_chunk: Hutchinson draws and multiplies this many probes at a time (all at once for
+            ``None``), bounding the probe memory; the result is the same. (Formerly the
+            operator's ``chunk_size``, which now only bounds its vectorized products.)
 
     Returns:
         :class:`DiagonalResult` with ``value`` ``[P]`` and per-entry ``stderr`` ``[P]``.
     """
-    _, out, used = run_estimator(A, num_matvecs, method, _METHODS, seed, "diagonal", progress)
+    methods = with_probe_chunk(_METHODS, "hutchinson", probe_chunk)
+    _, out, used = run_estimator(A, num_matvecs, method, methods, seed, "diagonal", progress)
     return DiagonalResult(value=out[:, 0], stderr=out[:, 1], num_matvecs=used, method=method)

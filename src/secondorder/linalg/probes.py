@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-from typing import Callable
+from secondorder import validation
 
 from secondorder.linalg.progress import ticking
 from secondorder.operators.base import LinearOperator, as_operator
@@ -39,10 +42,18 @@ def rademacher(A: LinearOperator, num: int, gen: torch.Generator, compact: bool 
     return (signs if compact else signs.to(A.dtype)).T
 
 
-def chunk_sizes(A: LinearOperator, total: int) -> list[int]:
-    """Split ``total`` probes into the operator's ``chunk_size`` (all at once if it has none)."""
-    step = getattr(A, "chunk_size", None) or total
+def chunk_sizes(total: int, probe_chunk: int | None) -> list[int]:
+    """Split ``total`` probes into chunks of ``probe_chunk`` (all at once for ``None``)."""
+    step = probe_chunk or total
     return [min(step, total - start) for start in range(0, total, step)]
+
+
+def with_probe_chunk(methods: dict[str, tuple[Callable, int]], name: str,
+                     probe_chunk: int | None) -> dict[str, tuple[Callable, int]]:
+    """``methods`` with ``methods[name]`` drawing its probes ``probe_chunk`` at a time."""
+    validation.optional_positive_int(probe_chunk, "probe_chunk (probes drawn and multiplied at once)")
+    estimator, minimum = methods[name]
+    return {**methods, name: (partial(estimator, probe_chunk=probe_chunk), minimum)}
 
 
 def check_budget(num_matvecs: int, minimum: int, method: str) -> None:

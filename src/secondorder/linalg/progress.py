@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Iterator
 
 from torch import Tensor
 from tqdm import tqdm
@@ -18,10 +18,8 @@ class _Ticking(LinearOperator):
     def __init__(self, op: LinearOperator, bar: tqdm):
         self.op, self.bar = op, bar
         self.shape, self.dtype, self.device, self.blocks = op.shape, op.dtype, op.device, op.blocks
+        self.reducer = op.reducer
         self.num_matvecs = 0
-
-    def __getattr__(self, name: str) -> Any:  # chunk_size and the like
-        return getattr(self.__dict__["op"], name)
 
     def _matmat(self, V: Tensor) -> Tensor:
         out = self.op @ V

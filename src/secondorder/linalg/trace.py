@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from secondorder.linalg.probes import Seed, chunk_sizes, rademacher, run_estimator
+from secondorder.linalg.probes import Seed, chunk_sizes, rademacher, run_estimator, with_probe_chunk
 from secondorder.linalg.results import BlockTrace, TraceResult
 from secondorder.linalg.sketch import LeaveTwoOut, leave_one_out_sketch, with_covariance
 from secondorder.operators.base import LinearOperator, block_sums
@@ -53,9 +53,10 @@ def _summarize(exact: Tensor, samples: Tensor, differences: Tensor | None) -> tu
     return exact + samples.mean(dim=1), stderr
 
 
-def _hutchinson(A: LinearOperator, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor, None]:
+def _hutchinson(A: LinearOperator, m: int, gen: torch.Generator,
+                probe_chunk: int | None = None) -> tuple[Tensor, Tensor, None]:
     samples = []
-    for k in chunk_sizes(A, m):  # stream chunks of int8 probes, reduced as they are multiplied
+    for k in chunk_sizes(m, probe_chunk):  # stream chunks of int8 probes, reduced as they are multiplied
         samples.append(A.quadratic_forms(rademacher(A, k, gen, compact=True)))
     samples_ = torch.cat(samples, dim=1)
     return torch.zeros(len(A.blocks), dtype=A.dtype, device=A.device), samples_, None
@@ -113,7 +114,8 @@ _METHODS = {"hutchinson": (_hutchinson, 1), "hutch++": (_hutchpp, 3), "xtrace": 
 
 
 def trace(
-    A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutch++", seed: Seed = None, progress: bool = False
+    A: LinearOperator | Tensor, num_matvecs: int, method: str = "hutch++", seed: Seed = None, progress: bool = False,
+    *, probe_chunk: int | None = None,
 ) -> TraceResult:
     """Estimate ``tr(A)`` and the trace of every diagonal block with ``num_matvecs`` products.
 
@@ -123,6 +125,10 @@ def trace(
         method: ``"hutch++"`` (default), ``"hutchinson"`` or ``"xtrace"``.
         seed: an int, a ``torch.Generator`` or ``None`` (fresh entropy); the global RNG is untouched.
         progress: show a progress bar of the products on stderr.
+        probe_chunk: Hutchinson streams int8 probes this many at a time and reduces each product
+            to its quadratic form at once (``A.quadratic_forms``), so no block of products is
+            stored; ``None`` draws them all at once. The result is the same. (Formerly the
+            operator's ``chunk_size``, which now only bounds its vectorized products.)
 
     Returns:
         :class:`TraceResult` with ``value``, ``stderr``, ``dof``, ``num_matvecs`` and ``blocks``.
@@ -133,7 +139,8 @@ def trace(
         >>> abs(r.value - 5050) < 4 * r.stderr
         True
     """
-    A, (exact, samples, differences), used = run_estimator(A, num_matvecs, method, _METHODS, seed, "trace", progress)
+    methods = with_probe_chunk(_METHODS, "hutchinson", probe_chunk)
+    A, (exact, samples, differences), used = run_estimator(A, num_matvecs, method, methods, seed, "trace", progress)
     values, stderrs = _summarize(exact, samples, differences)
     total_differences = None if differences is None else differences.sum(0, keepdim=True)
     total, total_stderr = _summarize(exact.sum(0, keepdim=True), samples.sum(0, keepdim=True), total_differences)

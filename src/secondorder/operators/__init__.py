@@ -9,12 +9,14 @@ from secondorder.operators.base import (
     SumOperator,
     as_operator,
 )
-from secondorder.operators.curvature import CurvatureOperator, GGNOperator, HessianOperator, NonFiniteError
+from secondorder.operators.curvature import CurvatureOperator, GGNOperator, HessianOperator
+from secondorder.operators.risk import EmpiricalRisk, NonFiniteError
 
 __all__ = [
     "Block",
     "CurvatureOperator",
     "DenseOperator",
+    "EmpiricalRisk",
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",

@@ -39,7 +39,7 @@ from secondorder.linalg import eigenvalues
 from secondorder.operators import HessianOperator
 from secondorder.data import call_model, seed_global_rng, to_device
 from secondorder.schedules.adaptive_batch import AdaptiveBatchSize
-from secondorder.validation import positive_int
+from secondorder.validation import positive_int, scalar_loss
 
 __all__ = ["AdaptiveBatchTrainer", "EpochRecord", "fgsm", "top_eigenvalue"]
 
@@ -305,8 +305,7 @@ class AdaptiveBatchTrainer:
                 x = torch.cat([fgsm(self.model, self.loss_fn, x[:k], y[:k], self.epsilon, self._adversarial_clip()),
                                x[k:]])
             loss = self.loss_fn(call_model(self.model, x), y)
-            if not isinstance(loss, Tensor) or loss.ndim != 0:
-                raise ValueError("loss_fn must return the mean loss of a batch as a scalar tensor (reduction='mean')")
+            scalar_loss(loss, "a training micro-batch", "loss_fn must return the mean loss (reduction='mean')")
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the training loss became {loss.item()} in epoch {self.controller.epoch + 1} (batch "

@@ -1,0 +1,133 @@
+r"""The empirical risk a curvature operator differentiates: batches, their weights and seeds.
+
+For batches :math:`b` of sizes :math:`n_b` with mean losses :math:`L_b`, the data-set loss is
+:math:`L = \sum_b n_b L_b / \sum_b n_b`, so every curvature product is the size-weighted
+average of per-batch products; ragged last batches are exact.
+
+The model is differentiated in the mode it is in (``model.training`` is never changed):
+
+* BatchNorm in **train** mode normalizes with the statistics of each batch, so the operator is
+  the curvature of the training-mode loss the optimizer sees, with samples coupled within a
+  batch; in **eval** mode it uses the running statistics and BatchNorm is a fixed affine map.
+  Running statistics are restored after every pass either way.
+* Dropout in train mode draws one fixed mask per batch (seeded by ``seed`` and the batch index
+  inside a forked RNG), so the operator is one fixed matrix across products and the caller's
+  global RNG is untouched. Put the model in eval mode for the curvature without dropout.
+* A shuffling DataLoader yields the same order on every pass (its sampler is seeded by
+  ``seed`` too), which matters with train-mode BatchNorm, where batch composition changes the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from secondorder import validation
+from secondorder.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
+from secondorder.distributed.reducer import Reducer
+
+__all__ = ["EmpiricalRisk", "NonFiniteError"]
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or a curvature product was NaN or infinite (the message names the batch)."""
+
+
+@dataclass
+class EmpiricalRisk:
+    """The size-weighted mean loss of ``model`` over ``data`` (one batch or a re-iterable).
+
+    ``loss_fn(outputs, targets)`` returns a batch's **mean** loss, or with ``closure``
+    ``loss_fn(model, batch)``. ``num_samples`` is known after the first pass (over all ranks'
+    batches when ``reducer`` is data-parallel).
+    """
+
+    model: nn.Module
+    loss_fn: Callable
+    data: Any
+    closure: bool = False
+    batch_size_fn: Callable[[Any], int] | None = None
+    seed: int = 0
+    num_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        if not callable(self.loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
+        self.data = as_batches(self.data)
+
+    # ---- one batch ---------------------------------------------------------------------
+    def check_pair(self, batch: Any, index: int) -> None:
+        """Refuse a batch that is not an ``(inputs, targets)`` pair (the non-closure form needs one)."""
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                f"batch {index} is not an (inputs, targets) pair; for other batch layouts pass "
+                "closure=True with loss_fn(model, batch)"
+            )
+
+    def outputs(self, batch: Any, index: int) -> Any:
+        """The model's outputs on the batch's inputs (``None`` in the closure form)."""
+        if self.closure:
+            return None
+        self.check_pair(batch, index)
+        return call_model(self.model, batch[0])
+
+    def loss(self, outputs: Any, batch: Any, index: int) -> Tensor:
+        """The batch's mean loss, checked to be a finite scalar."""
+        loss = self.loss_fn(self.model, batch) if self.closure else self.loss_fn(outputs, batch[1])
+        return check_finite(check_scalar(loss, index), index)
+
+    # ---- the data set ------------------------------------------------------------------
+    def for_each_batch(self, device: torch.device, visit: Callable[[int, Any, int], None]) -> int:
+        """``visit(index, batch, n)`` for every batch on ``device`` with its seed in force and the
+        model's buffers and RNG restored afterwards; returns the number of samples seen here."""
+        count = 0
+        with untouched(self.model, device):
+            for index, batch in seeded_batches(self.data, self.seed, device):
+                batch = to_device(batch, device)
+                n = batch_size(batch, self.batch_size_fn)
+                visit(index, batch, n)
+                count += n
+        if count == 0:
+            raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
+        return count
+
+    def loss_and_gradient(self, params: list[Tensor], reducer: Reducer,
+                          gradient: bool = True) -> tuple[float, Tensor | None]:
+        """The mean loss and (unless ``gradient=False``) its gradient w.r.t. ``params`` ``[P]``
+        (zero for parameters the loss does not depend on), summed over ``reducer``'s ranks."""
+        device, dtype = params[0].device, params[0].dtype
+        grad = torch.zeros(sum(p.numel() for p in params) if gradient else 0,
+                           dtype=dtype if gradient else torch.float64, device=device)
+        total = 0.0
+
+        def visit(index: int, batch: Any, n: int) -> None:
+            nonlocal total
+            loss = self.loss(self.outputs(batch, index), batch, index)
+            if gradient:
+                parts = torch.autograd.grad(loss, params, allow_unused=True)
+                grad.add_(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                     for g, p in zip(parts, params)]), alpha=n)
+            total += n * float(loss.detach())
+
+        with torch.set_grad_enabled(gradient):
+            count = self.for_each_batch(device, visit)
+        grad, (total, count) = reducer.sum_with_totals(grad, total, count, what="loss and gradient")
+        self.num_samples = round(count)
+        return total / count, (grad.div_(count) if gradient else None)
+
+
+def check_scalar(loss: Any, index: int) -> Tensor:
+    """``loss`` if it is a scalar tensor, else a ``ValueError`` naming batch ``index``."""
+    return validation.scalar_loss(loss, f"batch {index}", "loss_fn must return the mean loss (reduction='mean')")
+
+
+def check_finite(loss: Tensor, index: int) -> Tensor:
+    """``loss`` if it is finite, else a :class:`NonFiniteError` naming batch ``index``."""
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss of batch {index} is {loss.item()}; curvature is undefined there")
+    return loss
