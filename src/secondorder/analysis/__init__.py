@@ -5,19 +5,17 @@
 """
 
 from secondorder.analysis.evolution import EvolutionPoint, HessianTracker, hessian_evolution
-from secondorder.analysis.hessian_report import Eigenvalues, HessianAnalysis, LayerStats, TraceStats, analyze
+from secondorder.analysis.hessian_report import HessianAnalysis, LayerStats, analyze
 from secondorder.analysis.landscape import Landscape1D, Landscape2D, landscape_1d, landscape_2d, random_directions
 from secondorder.analysis.report import summary_table, write_report
 
 __all__ = [
-    "Eigenvalues",
     "EvolutionPoint",
     "HessianAnalysis",
     "HessianTracker",
     "Landscape1D",
     "Landscape2D",
     "LayerStats",
-    "TraceStats",
     "analyze",
     "hessian_evolution",
     "landscape_1d",

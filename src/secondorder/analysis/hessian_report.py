@@ -29,39 +29,10 @@ import torch
 
 from secondorder.analysis.landscape import Landscape1D, Landscape2D, landscape_1d, landscape_2d, random_directions
 from secondorder.linalg import block_eigenvalues, eigenvalues, spectral_density, trace
-from secondorder.linalg.results import EigenResult, SpectralDensityResult
+from secondorder.linalg.results import EigenResult, Serializable, SpectralDensityResult, TraceResult
 from secondorder.operators.curvature import GGNOperator, HessianOperator
 
-__all__ = ["Eigenvalues", "HessianAnalysis", "LayerStats", "TraceStats", "analyze"]
-
-
-@dataclass(frozen=True)
-class TraceStats:
-    """Hutch++ trace with its standard error and Student-t 95% interval."""
-
-    value: float
-    stderr: float
-    ci95: tuple[float, float]
-    method: str
-    num_matvecs: int
-
-
-@dataclass(frozen=True)
-class Eigenvalues:
-    """Extreme eigenvalues with their residuals, convergence flags and the residual history."""
-
-    which: str
-    values: tuple[float, ...]
-    residuals: tuple[float, ...]
-    converged: tuple[bool, ...]
-    num_matvecs: int
-    residual_history: tuple[tuple[float, ...], ...]
-
-    @classmethod
-    def of(cls, result: EigenResult) -> "Eigenvalues":
-        return cls(result.which, tuple(result.eigenvalues.tolist()), tuple(result.residuals.tolist()),
-                   tuple(bool(c) for c in result.converged), result.num_matvecs,
-                   tuple(tuple(h) for h in result.residual_history))
+__all__ = ["HessianAnalysis", "LayerStats", "analyze"]
 
 
 @dataclass(frozen=True)
@@ -78,35 +49,24 @@ class LayerStats:
     top_converged: bool
 
 
-@dataclass(frozen=True)
-class Density:
-    """SLQ nodes and weights ``[num_probes][num_steps]`` of a ``dimension``-sized operator."""
+@dataclass(frozen=True, eq=False)
+class HessianAnalysis(Serializable):
+    """Everything :func:`analyze` measured; ``to_json`` / ``from_json`` round-trip exactly.
 
-    nodes: tuple[tuple[float, ...], ...]
-    weights: tuple[tuple[float, ...], ...]
-    dimension: int
-    num_matvecs: int
-
-    def result(self) -> SpectralDensityResult:
-        """As the linear-algebra result (for ``plot``, ``density``, ``moments``)."""
-        return SpectralDensityResult(torch.tensor(self.nodes, dtype=torch.float64),
-                                     torch.tensor(self.weights, dtype=torch.float64), self.dimension,
-                                     self.num_matvecs)
-
-
-@dataclass(frozen=True)
-class HessianAnalysis:
-    """Everything :func:`analyze` measured; ``to_json`` / ``from_json`` round-trip exactly."""
+    ``trace``, ``top``, ``bottom`` and ``density`` are the linear-algebra results themselves
+    (:mod:`secondorder.linalg.results`); ``top`` and ``bottom`` keep eigenvalues, residuals and
+    residual histories but not the ``P x k`` eigenvectors (``eigenvectors`` is ``[0, k]``).
+    """
 
     curvature: str
     num_parameters: int
     num_samples: int
     loss: float
     gradient_norm: float
-    trace: TraceStats
-    top: Eigenvalues
-    bottom: Eigenvalues | None
-    density: Density
+    trace: TraceResult
+    top: EigenResult
+    bottom: EigenResult | None
+    density: SpectralDensityResult
     layers: tuple[LayerStats, ...]
     landscape_1d: Landscape1D | None
     landscape_2d: Landscape2D | None
@@ -114,52 +74,30 @@ class HessianAnalysis:
     seconds: float
     num_matvecs: int
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as JSON text (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HessianAnalysis":
-        return _build(cls, d)
-
-    @classmethod
     def from_json(cls, text: str) -> "HessianAnalysis":
+        """The analysis :meth:`to_json` wrote."""
         return cls.from_dict(json.loads(text))
 
     def save(self, path: str | Path) -> None:
+        """Write :meth:`to_json` to ``path``."""
         Path(path).write_text(self.to_json(indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> "HessianAnalysis":
+        """The analysis :meth:`save` wrote to ``path``."""
         return cls.from_json(Path(path).read_text())
 
 
-def _build(cls: type, value: Any) -> Any:
-    """Rebuild a (nested) frozen dataclass from ``asdict`` output: lists back to tuples."""
-    import typing
-
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(cls):
-        hints = typing.get_type_hints(cls)
-        return cls(**{f.name: _build(hints[f.name], value[f.name]) for f in dataclasses.fields(cls)})
-    args = [a for a in typing.get_args(cls) if a is not type(None)]
-    if args and dataclasses.is_dataclass(args[0]) and typing.get_origin(cls) is not tuple:  # X | None
-        return _build(args[0], value)
-    if isinstance(value, list):
-        inner = args[0] if typing.get_origin(cls) is tuple and args else None
-        return tuple(_build(inner, v) if inner is not None and dataclasses.is_dataclass(inner) else _tuples(v)
-                     for v in value)
-    return value
+def _without_vectors(result: EigenResult | None) -> EigenResult | None:
+    return None if result is None else dataclasses.replace(result, eigenvectors=result.eigenvectors[:0])
 
 
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
-
-
-def _layer_stats(tr, per_block: dict[str, EigenResult]) -> tuple[LayerStats, ...]:
+def _layer_stats(tr: TraceResult, per_block: dict[str, EigenResult]) -> tuple[LayerStats, ...]:
     out = []
     for b in tr.blocks:
         e = per_block[b.name]
@@ -219,7 +157,6 @@ def analyze(
     bottom = eigenvalues(op, bottom_k, "smallest", seed=seed + 1, **eig_kwargs) if bottom_k else None
     density = spectral_density(op, slq_probes, min(slq_steps, P), seed=seed, progress=progress)
     per_block = block_eigenvalues(op, 1, seed=seed, max_matvecs=max_matvecs)
-    low, high = tr.confidence_interval(0.95)
     land1 = land2 = None
     if landscape:
         v = top.eigenvectors
@@ -232,10 +169,7 @@ def analyze(
     return HessianAnalysis(
         curvature=curvature, num_parameters=P, num_samples=op.num_samples, loss=loss,
         gradient_norm=float(grad.norm()),
-        trace=TraceStats(tr.value, tr.stderr, (low, high), tr.method, tr.num_matvecs),
-        top=Eigenvalues.of(top), bottom=Eigenvalues.of(bottom) if bottom is not None else None,
-        density=Density(tuple(map(tuple, density.nodes.tolist())), tuple(map(tuple, density.weights.tolist())),
-                        density.dimension, density.num_matvecs),
+        trace=tr, top=_without_vectors(top), bottom=_without_vectors(bottom), density=density,
         layers=_layer_stats(tr, per_block), landscape_1d=land1, landscape_2d=land2, seed=seed,
         seconds=time.perf_counter() - start, num_matvecs=op.num_matvecs,
     )

@@ -31,10 +31,11 @@ def plot_density(analysis: HessianAnalysis, path: str | Path) -> None:
     """The SLQ spectral density on a log scale (Ghorbani et al. 2019), with the top eigenvalues marked."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    analysis.density.result().plot(ax=ax)
-    for value in analysis.top.values:
+    analysis.density.plot(ax=ax)
+    top = analysis.top.eigenvalues.tolist()
+    for value in top:
         ax.axvline(value, color="tab:red", lw=0.8, ls=":")
-    ax.set_title(f"{analysis.curvature} spectral density (SLQ); dotted: top-{len(analysis.top.values)} (Lanczos)")
+    ax.set_title(f"{analysis.curvature} spectral density (SLQ); dotted: top-{len(top)} (Lanczos)")
     _save(fig, path)
 
 

@@ -28,24 +28,26 @@ def _g(x: float, digits: int = 6) -> str:
 
 def _tables(a: HessianAnalysis, evolution: Sequence[EvolutionPoint] | None) -> list[tuple[str, Table]]:
     t = a.trace
+    low, high = t.confidence_interval(0.95)
+    top = a.top.eigenvalues.tolist()
     tables = [("Summary", (["quantity", "value"], [
         ["curvature", a.curvature],
         ["parameters", str(a.num_parameters)],
         ["samples", str(a.num_samples)],
         ["loss", _g(a.loss)],
         ["gradient norm", _g(a.gradient_norm, 3)],
-        ["trace", f"{_g(t.value)} ± {_g(t.stderr, 2)} (95% CI [{_g(t.ci95[0])}, {_g(t.ci95[1])}]; {t.method}, "
+        ["trace", f"{_g(t.value)} ± {_g(t.stderr, 2)} (95% CI [{_g(low)}, {_g(high)}]; {t.method}, "
                   f"{t.num_matvecs} products)"],
-        ["top eigenvalue", f"{_g(a.top.values[0], 8)} (residual {a.top.residuals[0]:.1e})"],
+        ["top eigenvalue", f"{_g(top[0], 8)} (residual {float(a.top.residuals[0]):.1e})"],
         ["λ_max / mean eigenvalue (tr/P)",
-         _g(a.top.values[0] / (t.value / a.num_parameters), 3) if t.value > 0 else "n/a (trace ≤ 0)"],
+         _g(top[0] / (t.value / a.num_parameters), 3) if t.value > 0 else "n/a (trace ≤ 0)"],
         ["Hessian-vector products", str(a.num_matvecs)],
         ["seconds", f"{a.seconds:.1f}"],
     ]))]
     for eig in (a.top, a.bottom):
         if eig is not None:
             rows = [[str(i + 1), _g(v, 8), f"{r:.1e}", "yes" if c else "NO"]
-                    for i, (v, r, c) in enumerate(zip(eig.values, eig.residuals, eig.converged))]
+                    for i, (v, r, c) in enumerate(zip(eig.eigenvalues.tolist(), eig.residuals.tolist(), eig.converged.tolist()))]
             tables.append((f"{'Top' if eig.which == 'largest' else 'Bottom'} eigenvalues "
                            f"(thick-restart Lanczos, {eig.num_matvecs} products)",
                            (["#", "eigenvalue", "residual ‖Cv − θv‖", "converged"], rows)))

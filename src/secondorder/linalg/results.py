@@ -1,13 +1,83 @@
-"""Results of the algorithms: small frozen dataclasses that carry their uncertainty."""
+"""Results of the algorithms: small frozen dataclasses that carry their uncertainty.
+
+Every result is :class:`Serializable`: ``to_dict()`` is JSON-ready (tensors as
+``{"dtype", "shape", "data"}``), ``from_dict`` rebuilds it exactly, and ``==`` compares tensors
+bit for bit, so reports embed these results instead of re-wrapping them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+S = TypeVar("S", bound="Serializable")
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with dataclasses as dicts, tuples as lists and tensors as ``{"dtype", "shape", "data"}``."""
+    if isinstance(value, Tensor):
+        t = value.detach().cpu()
+        return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.reshape(-1).tolist()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def rebuild(kind: Any, value: Any) -> Any:
+    """The inverse of :func:`jsonable` for a value of type ``kind`` (a dataclass, ``Tensor``,
+    ``tuple[...]``, ``X | None``, or a plain type)."""
+    if value is None:
+        return None
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: rebuild(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)
+                       if f.name in value})
+    if kind is Tensor:
+        return torch.tensor(value["data"], dtype=getattr(torch, value["dtype"])).reshape(value["shape"])
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return tuple(rebuild(k, v) for k, v in zip(items, value))
+    if args and origin is not dict:  # X | None
+        return rebuild(next(a for a in args if a is not type(None)), value)
+    return value
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and bool(torch.equal(a.cpu(), b.cpu())))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+class Serializable:
+    """``to_dict`` / ``from_dict`` (exact round trip) and bitwise ``==`` for a frozen result dataclass."""
+
+    def to_dict(self) -> dict:
+        """The result as JSON-ready dicts, lists and numbers."""
+        return jsonable(self)
+
+    @classmethod
+    def from_dict(cls: type[S], d: dict) -> S:
+        """The result that :meth:`to_dict` gave ``d``."""
+        return rebuild(cls, d)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(
+            _same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self))  # type: ignore
+
+    __hash__ = None  # type: ignore[assignment]  # results hold tensors
 
 
 def _t_quantile(level: float, dof: int) -> float:
@@ -36,8 +106,8 @@ def _bootstrap_t(samples: tuple[float, ...], level: float) -> tuple[float, float
     return float(x.mean()) - hi * stderr, float(x.mean()) - lo * stderr
 
 
-@dataclass(frozen=True)
-class BlockTrace:
+@dataclass(frozen=True, eq=False)
+class BlockTrace(Serializable):
     """The trace of one diagonal block (one layer) with its standard error."""
 
     name: str
@@ -51,8 +121,8 @@ class BlockTrace:
         return self.value / self.size
 
 
-@dataclass(frozen=True)
-class TraceResult:
+@dataclass(frozen=True, eq=False)
+class TraceResult(Serializable):
     """A trace estimate ``value`` with standard error ``stderr`` (``dof`` degrees of freedom).
 
     ``blocks`` holds the per-block (per-layer) traces estimated from the same probes; they sum
@@ -85,8 +155,8 @@ class TraceResult:
         raise KeyError(f"no block {name!r}; blocks are {[b.name for b in self.blocks]}")
 
 
-@dataclass(frozen=True)
-class DiagonalResult:
+@dataclass(frozen=True, eq=False)
+class DiagonalResult(Serializable):
     """A diagonal estimate ``value`` ``[P]`` with per-entry standard errors ``stderr`` ``[P]``."""
 
     value: Tensor
@@ -95,8 +165,8 @@ class DiagonalResult:
     method: str
 
 
-@dataclass(frozen=True)
-class EigenResult:
+@dataclass(frozen=True, eq=False)
+class EigenResult(Serializable):
     """Eigenpairs: ``eigenvalues`` ``[k]`` sorted for ``which``, ``eigenvectors`` ``[P, k]``.
 
     ``residuals[i] = ||A v_i - theta_i v_i||`` certify each pair: an eigenvalue of A lies
@@ -123,8 +193,8 @@ class EigenResult:
     block_size: int = 1
 
 
-@dataclass(frozen=True)
-class SolveResult:
+@dataclass(frozen=True, eq=False)
+class SolveResult(Serializable):
     """Solution of ``(A + damping I) x = b`` with relative residual norms per right-hand side."""
 
     solution: Tensor
@@ -135,8 +205,8 @@ class SolveResult:
     method: str
 
 
-@dataclass(frozen=True)
-class SpectralDensityResult:
+@dataclass(frozen=True, eq=False)
+class SpectralDensityResult(Serializable):
     r"""Stochastic Lanczos quadrature: per probe, Ritz ``nodes`` and quadrature ``weights``.
 
     ``nodes`` and ``weights`` are ``[num_probes, num_steps]``; each row's weights sum to 1 (a
