@@ -71,9 +71,15 @@ def one_of(value: T, name: str, options: Collection[T]) -> T:
 
 
 def bit_width(value: Any, name: str, low: int = 1, high: int = 32) -> int:
-    """An integer bit width in ``low..high``."""
+    """An integer bit width in ``low..high``.
+
+    >>> bit_width(4.0, "pinned['fc']")
+    Traceback (most recent call last):
+        ...
+    ValueError: pinned['fc']: bit width 4.0 is not an integer in 1..32
+    """
     if not _is_int(value) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        raise ValueError(f"{name}: bit width {value!r} is not an integer in {low}..{high}")
     return int(value)
 
 

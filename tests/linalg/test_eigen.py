@@ -188,7 +188,7 @@ def test_bad_input(matrices):
         secondorder.eigenvalues(A, k=2, method="arnoldi")
     with pytest.raises(ValueError, match="tol must be positive"):
         secondorder.eigenvalues(A, k=2, tol=0.0)
-    with pytest.raises(ValueError, match="max_matvecs must be >= 1"):
+    with pytest.raises(ValueError, match="max_matvecs must be a positive integer"):
         secondorder.eigenvalues(A, k=2, max_matvecs=0)
     with pytest.raises(ValueError, match="ncv must exceed k"):
         secondorder.eigenvalues(A, k=5, ncv=5)

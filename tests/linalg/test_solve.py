@@ -153,5 +153,5 @@ def test_shape_and_argument_errors(spd):
         secondorder.solve(A, b, method="gmres")
     with pytest.raises(ValueError, match="tol must be positive"):
         secondorder.solve(A, b, tol=0.0)
-    with pytest.raises(ValueError, match="maxiter must be >= 1"):
+    with pytest.raises(ValueError, match="maxiter must be a positive integer"):
         secondorder.solve(A, b, maxiter=0)

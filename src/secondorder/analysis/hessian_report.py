@@ -31,6 +31,7 @@ from secondorder.analysis.landscape import Landscape1D, Landscape2D, landscape_1
 from secondorder.linalg import block_eigenvalues, eigenvalues, spectral_density, trace
 from secondorder.linalg.results import EigenResult, Serializable, SpectralDensityResult, TraceResult
 from secondorder.operators.curvature import GGNOperator, HessianOperator
+from secondorder.validation import non_negative_int, positive_int
 
 __all__ = ["HessianAnalysis", "LayerStats", "analyze"]
 
@@ -140,10 +141,8 @@ def analyze(
         raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
     for name, value in (("top_k", top_k), ("trace_matvecs", trace_matvecs), ("slq_probes", slq_probes),
                         ("slq_steps", slq_steps)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(bottom_k, int) or bottom_k < 0:
-        raise ValueError(f"bottom_k must be a non-negative integer, got {bottom_k!r}")
+        positive_int(value, name)
+    non_negative_int(bottom_k, "bottom_k")
     start = time.perf_counter()
     op = (HessianOperator if curvature == "hessian" else GGNOperator)(model, loss_fn, data, params, seed=seed,
                                                                         **operator_kwargs)

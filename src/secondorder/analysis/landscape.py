@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from secondorder.operators.curvature import CurvatureOperator
-from secondorder.operators.risk import NonFiniteError
 from secondorder.operators.params import split_rows
+from secondorder.operators.risk import NonFiniteError
 
 __all__ = ["Landscape1D", "Landscape2D", "landscape_1d", "landscape_2d", "random_directions"]
 

@@ -29,9 +29,9 @@ from secondorder.cli.common import (
     user_input,
     wants_own_model,
 )
+from secondorder.data import as_batches
 from secondorder.distributed import shutdown
 from secondorder.distributed.reducer import RankReducer, Reducer
-from secondorder.data import as_batches
 from secondorder.environment import describe
 from secondorder.validation import non_negative_int, positive_int
 

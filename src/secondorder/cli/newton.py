@@ -17,8 +17,8 @@ import json
 import sys
 
 from secondorder.cli.common import UsageError, add_output_options, atomic_directory, join_torchrun, under_torchrun
-from secondorder.distributed import DEFAULT_TIMEOUT, shutdown
 from secondorder.datasets.glm import DATASETS, load_dataset
+from secondorder.distributed import DEFAULT_TIMEOUT, shutdown
 from secondorder.newton.engine import EFFECTIVE_DIMS, run_newton
 from secondorder.newton.problems import LogisticRegression, effective_dimension, newton_solve
 from secondorder.newton.processes import ProcessCluster

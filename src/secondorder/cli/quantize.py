@@ -30,8 +30,8 @@ from secondorder.cli.common import (
     user_input,
     wants_own_model,
 )
-from secondorder.environment import describe
 from secondorder.data import as_batches, call_model, to_device
+from secondorder.environment import describe
 from secondorder.quant import (
     allocate_bits,
     allocate_bits_ilp,

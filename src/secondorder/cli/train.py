@@ -32,8 +32,8 @@ from secondorder.cli.common import (
     own_problem,
     wants_own_model,
 )
-from secondorder.environment import describe
 from secondorder.data import as_batches
+from secondorder.environment import describe
 from secondorder.schedules import AdaptiveBatchSize, AdaptiveBatchTrainer
 
 SCHEDULES = ("absa", "abs", "fixed")

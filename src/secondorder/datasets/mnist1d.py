@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secondorder.validation import positive_int
+
 __all__ = ["Mnist1dCNN", "TrainedMnist1d", "load_mnist1d", "train_mnist1d"]
 
 
@@ -84,8 +86,8 @@ def train_mnist1d(
     """
     from tqdm import tqdm
 
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    positive_int(epochs, "epochs")
+    positive_int(batch_size, "batch_size")
     xtr, ytr, xte, yte = data if data is not None else load_mnist1d()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

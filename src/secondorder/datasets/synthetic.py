@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from secondorder.validation import positive_int
+
 __all__ = ["gaussian_mixture", "batches"]
 
 #: Standard deviation of each coordinate of the class means; the noise around
@@ -47,8 +49,7 @@ def gaussian_mixture(
         ("num_features", num_features),
         ("num_classes", num_classes),
     ):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        positive_int(value, name)
     if not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
 
@@ -77,8 +78,7 @@ def batches(inputs: Tensor, targets: Tensor, batch_size: int) -> list[tuple[Tens
     Returns:
         A list of ``ceil(N / batch_size)`` pairs ``(inputs_b, targets_b)``.
     """
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    positive_int(batch_size, "batch_size")
     if inputs.shape[0] != targets.shape[0]:
         raise ValueError(
             f"inputs and targets differ in length: {inputs.shape[0]} != {targets.shape[0]}"

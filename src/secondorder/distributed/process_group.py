@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from secondorder.validation import positive_int
+
 __all__ = [
     "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",
     "init_from_env", "launch", "shutdown",
@@ -207,8 +209,7 @@ def launch(
     first lines. A rank still running ``timeout + 2`` s after another failed (hung), or
     ``2 * timeout + 30`` s after the start, is killed.
     """
-    if isinstance(world_size, bool) or int(world_size) != world_size or world_size < 1:
-        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    world_size = positive_int(world_size, "world_size")
     timeout = _check_timeout(timeout)
     ctx = torch.multiprocessing.get_context("spawn")
     results = ctx.Queue()

@@ -35,6 +35,7 @@ from secondorder.linalg.probes import Seed, make_generator
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import EigenResult
 from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.validation import positive, positive_int
 
 _WHICH = ("largest", "smallest", "magnitude")
 
@@ -297,12 +298,8 @@ class Problem:
             raise ValueError(f"k must be an integer with 1 <= k < P = {p}, got {k!r}; for all eigenvalues use torch.linalg.eigvalsh on A.to_dense()")
         if method not in ("lanczos", "power"):
             raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
-        tol = _default_tol(dtype) if tol is None else tol
-        if tol <= 0:
-            raise ValueError(f"tol must be positive, got {tol}")
-        max_matvecs = max(500, 50 * k) if max_matvecs is None else max_matvecs
-        if max_matvecs < 1:
-            raise ValueError(f"max_matvecs must be >= 1, got {max_matvecs}")
+        tol = _default_tol(dtype) if tol is None else positive(tol, "tol")
+        max_matvecs = max(500, 50 * k) if max_matvecs is None else positive_int(max_matvecs, "max_matvecs")
         block_size = default_block_size(k, ncv, method) if block_size is None else block_size
         if not isinstance(block_size, int) or not 1 <= block_size <= k:
             raise ValueError(f"block_size must be an integer with 1 <= block_size <= k = {k}, got {block_size!r}")

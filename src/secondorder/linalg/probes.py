@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from secondorder import validation
-
 from secondorder.linalg.progress import ticking
 from secondorder.operators.base import LinearOperator, as_operator
 

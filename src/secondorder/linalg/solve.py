@@ -18,7 +18,7 @@ from torch import Tensor
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SolveResult
 from secondorder.operators.base import LinearOperator, as_operator
-from secondorder.validation import positive
+from secondorder.validation import positive, positive_int
 
 
 def _damped(A: LinearOperator, damping: float, V: Tensor) -> Tensor:
@@ -129,9 +129,7 @@ def solve(
     if method not in ("cg", "minres"):
         raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
     positive(tol, "tol")
-    maxiter = 10 * P if maxiter is None else maxiter
-    if maxiter < 1:
-        raise ValueError(f"maxiter must be >= 1, got {maxiter}")
+    maxiter = 10 * P if maxiter is None else positive_int(maxiter, "maxiter")
     B = (b if b.ndim == 2 else b.unsqueeze(1)).to(A.dtype)
     with ticking(A, progress, maxiter * B.shape[1], f"solve ({method})") as op, torch.no_grad():
         start = op.num_matvecs

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from secondorder.newton.problems import DTYPE, check_lam
 from secondorder.newton.sketches import RowSketch
+from secondorder.validation import positive_int
 
 AVERAGING = ("uniform", "determinantal")
 
@@ -89,8 +90,7 @@ def local_directions_cg(rows: Tensor, local_lam: float, gradient: Tensor, iterat
     (each step costs two [r, d] products per machine instead of forming Ĥ_k). No
     log-determinants (NaN): determinantal averaging needs the Cholesky solver."""
     local_lam = check_lam(local_lam)
-    if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 1:
-        raise ValueError(f"CG iterations must be a positive integer, got {iterations!r}")
+    positive_int(iterations, "CG iterations")
     apply = lambda v: (rows.mT @ (rows @ v.unsqueeze(-1))).squeeze(-1) + local_lam * v
     q = rows.shape[0]
     x = torch.zeros(q, rows.shape[2], dtype=DTYPE)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from secondorder.newton.combine import CombinedDirection
 from secondorder.newton.problems import DTYPE, armijo_step, as_weights, newton_solve
+from secondorder.validation import non_negative_int
 
 EFFECTIVE_DIMS = ("exact", "estimated")
 
@@ -96,9 +97,8 @@ def reference_solution(cluster: Cluster, w_star: Tensor | None) -> Tensor:
 
 
 def check_iterations(iterations: int) -> int:
-    if isinstance(iterations, bool) or int(iterations) != iterations or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
-    return int(iterations)
+    """``iterations`` as a non-negative ``int``."""
+    return non_negative_int(iterations, "iterations")
 
 
 def run_newton(

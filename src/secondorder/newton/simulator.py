@@ -63,6 +63,7 @@ from secondorder.newton.sketches import (
     sample_rows,
     surrogate_sketch,
 )
+from secondorder.validation import positive_int
 
 SKETCHES = ("uniform", "leverage", "poisson", "gaussian", "less", "less-uniform", "surrogate", "surrogate-leverage")
 """Row sampling (uniform, ridge leverage, Poisson), Gaussian, LESS with leverage or uniform
@@ -78,9 +79,7 @@ def machine_generator(seed: int, machine: int) -> torch.Generator:
 
 def machine_generators(seed: int, machines: int) -> list[torch.Generator]:
     """One independent generator per machine (:func:`machine_generator` for k = 0..q-1)."""
-    if isinstance(machines, bool) or int(machines) != machines or machines < 1:
-        raise ValueError(f"machines (q) must be a positive integer, got {machines!r}")
-    return [machine_generator(seed, k) for k in range(int(machines))]
+    return [machine_generator(seed, k) for k in range(positive_int(machines, "machines (q)"))]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from secondorder.newton.problems import DTYPE, check_lam, effective_dimension
+from secondorder.validation import positive_int
 
 ROW_DISTRIBUTIONS = ("uniform", "leverage")
 
@@ -166,10 +167,7 @@ def less_sketch(
     leverage, or uniform for "LESS-uniform"), so that :math:`E[S^\top S] = I`."""
     a = _check_factor(factor)
     m = _check_size(m, a.shape[1])
-    s = a.shape[1] if nonzeros is None else nonzeros
-    if isinstance(s, bool) or int(s) != s or s < 1:
-        raise ValueError(f"nonzeros (per row of S) must be a positive integer, got {nonzeros!r}")
-    s = int(s)
+    s = a.shape[1] if nonzeros is None else positive_int(nonzeros, "nonzeros (per row of S)")
     probs = row_probabilities(a, distribution, lam)
     idx = _iid_indices(probs, m * s, generator).view(m, s)
     signs = torch.randint(0, 2, (m, s), generator=generator, dtype=DTYPE) * 2 - 1

@@ -44,6 +44,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from secondorder import validation
+
 __all__ = [
     "Allocation",
     "allocate_bits",
@@ -116,13 +118,6 @@ class _Budgets:
     latency: float | None = None
 
 
-def _check_bits(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{where}: bit width {value!r} is not an int (bit widths are ints in 1..{_MAX_BITS})")
-    if not 1 <= int(value) <= _MAX_BITS:
-        raise ValueError(f"{where}: bit width {value} is outside 1..{_MAX_BITS}")
-    return int(value)
-
 
 def _check_count(value: object, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -163,7 +158,7 @@ def _check_table(table: object, where: str, check_value: Callable[[object, str],
     """A per-layer ``{bits: value}`` table, sorted by bit width."""
     if not isinstance(table, Mapping) or not table:
         raise ValueError(f"{where} must be a non-empty dict of bit width -> value, got {table!r}")
-    checked = {_check_bits(b, where): check_value(v, f"{where}[{b}]") for b, v in table.items()}
+    checked = {validation.bit_width(b, where, 1, _MAX_BITS): check_value(v, f"{where}[{b}]") for b, v in table.items()}
     return dict(sorted(checked.items()))
 
 
@@ -200,7 +195,7 @@ def _check_act_bits(act_bits: Mapping[str, int] | None, layers: Sequence[str], h
         raise ValueError("act_bits only enter the BOPs, which need macs; pass macs too")
     _check_mapping(act_bits, "act_bits")
     _check_known("act_bits", list(act_bits), layers)
-    return {name: _check_bits(b, f"act_bits[{name!r}]") for name, b in act_bits.items()}
+    return {name: validation.bit_width(b, f"act_bits[{name!r}]", 1, _MAX_BITS) for name, b in act_bits.items()}
 
 
 def _check_latency(
@@ -227,7 +222,7 @@ def _check_pinned(
         return {}
     _check_mapping(pinned, "pinned")
     _check_known("pinned", list(pinned), layers)
-    checked = {name: _check_bits(b, f"pinned[{name!r}]") for name, b in pinned.items()}
+    checked = {name: validation.bit_width(b, f"pinned[{name!r}]", 1, _MAX_BITS) for name, b in pinned.items()}
     for name, b in checked.items():
         if b not in omega[name]:
             raise ValueError(
@@ -769,7 +764,7 @@ def uniform_cost(
     Activations take ``bits`` unless ``act_bits`` fixes them; ``bops`` is None without ``macs``.
     Pins, ties and candidate sets play no part: these are the endpoints of :func:`interpolated_budget`.
     """
-    b = _check_bits(bits, "uniform_cost")
+    b = validation.bit_width(bits, "uniform_cost", 1, _MAX_BITS)
     layers = tuple(_check_mapping(sizes, "sizes"))
     checked_sizes = _check_sizes(sizes, layers)
     checked_macs = _check_macs(macs, layers, reference="sizes")

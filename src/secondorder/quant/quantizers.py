@@ -43,6 +43,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from secondorder import validation
+
 __all__ = [
     "ActivationQuantizer",
     "QuantizedLayer",
@@ -61,16 +63,9 @@ MAX_BITS = 32
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_bits(bits: Any, low: int, what: str) -> int:
-    """``bits`` as an ``int`` in ``low..MAX_BITS`` (``ValueError`` otherwise)."""
-    if isinstance(bits, bool) or not isinstance(bits, Integral) or not low <= int(bits) <= MAX_BITS:
-        raise ValueError(f"{what} must be an integer in {low}..{MAX_BITS}, got {bits!r}")
-    return int(bits)
-
-
 def _check_optional_bits(bits: Any, low: int, what: str) -> int | None:
     """``None`` (full precision) or a valid bit width."""
-    return None if bits is None else _check_bits(bits, low, what)
+    return None if bits is None else validation.bit_width(bits, what, low, MAX_BITS)
 
 
 def _check_floating(x: Any, what: str) -> None:
@@ -149,7 +144,7 @@ def symmetric_scale(w: Tensor, bits: int, granularity: str = "channel", group_si
     is detached: it is a constant of the quantizer, not a function the gradient flows through.
     """
     _check_floating(w, "w")
-    bits = _check_bits(bits, 2, "bits (symmetric weight quantization)")
+    bits = validation.bit_width(bits, "bits (symmetric weight quantization)", 2, MAX_BITS)
     _check_granularity(w.shape, granularity, group_size)
     amax = _absmax(w, granularity, group_size)
     return torch.where(amax > 0, amax / (2 ** (bits - 1) - 1), torch.ones_like(amax))

@@ -26,9 +26,10 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from secondorder import validation
+from secondorder.data import as_batches
 from secondorder.linalg import block_eigenvalues, trace
 from secondorder.operators.curvature import HessianOperator
-from secondorder.data import as_batches
 from secondorder.quant.quantizers import quantizable_layers, quantization_error
 
 __all__ = ["LayerSensitivity", "Sensitivities", "hawq_v1", "hawq_v2", "layer_sensitivities", "qbert"]
@@ -87,11 +88,11 @@ def _weights(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, 
     return [(n, by_name[n]) for n in layers]
 
 
-def _check_bits(bits: Sequence[int]) -> tuple[int, ...]:
+def _bit_widths(bits: Sequence[int]) -> tuple[int, ...]:
     bits = tuple(bits)
-    if not bits or not all(isinstance(b, int) and 1 <= b <= 32 for b in bits):
-        raise ValueError(f"bit widths must be integers in 1..32, got {list(bits)}")
-    return bits
+    if not bits:
+        raise ValueError("bits must name at least one bit width (integers in 1..32)")
+    return tuple(validation.bit_width(b, f"bits[{i}]") for i, b in enumerate(bits))
 
 
 def _operator(model, loss_fn, data, chosen, seed, operator_kwargs) -> HessianOperator:
@@ -123,7 +124,7 @@ def layer_sensitivities(
     ``loss_fn`` and ``operator_kwargs`` as for :class:`~secondorder.HessianOperator`. The model is
     left as it was.
     """
-    bits = _check_bits(bits)
+    bits = _bit_widths(bits)
     chosen = _weights(model, layers)
     op = _operator(model, loss_fn, data, chosen, seed, operator_kwargs)
     tr = trace(op, trace_matvecs, seed=seed, progress=progress)

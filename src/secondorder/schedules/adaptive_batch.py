@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from secondorder.validation import positive_int
+from secondorder.validation import non_negative_int, positive_int
 
 __all__ = ["AdaptiveBatchSize", "BatchSizeDecision"]
 
@@ -148,9 +148,8 @@ class AdaptiveBatchSize:
         if isinstance(adversarial_fraction, bool) or not isinstance(adversarial_fraction, (int, float)) \
                 or not 0 <= adversarial_fraction <= 1:
             raise ValueError(f"adversarial_fraction must lie in [0, 1] (0 for ABS), got {adversarial_fraction!r}")
-        if adversarial_epochs is not None and (isinstance(adversarial_epochs, bool) or
-                                               not isinstance(adversarial_epochs, int) or adversarial_epochs < 0):
-            raise ValueError(f"adversarial_epochs must be a non-negative integer or None, got {adversarial_epochs!r}")
+        if adversarial_epochs is not None:
+            non_negative_int(adversarial_epochs, "adversarial_epochs (or None)")
         milestones = tuple(lr_milestones)
         for m in milestones:
             positive_int(m, "every lr milestone")
@@ -158,8 +157,7 @@ class AdaptiveBatchSize:
             raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
         if max_lr is not None:
             _positive_float("max_lr", max_lr)
-        if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be a non-negative integer, got {warmup_epochs!r}")
+        non_negative_int(warmup_epochs, "warmup_epochs")
         self.base_batch_size, self.base_lr, self.max_batch_size = base_batch_size, base_lr, max_batch_size
         self.ratio, self.growth, self.patience = float(ratio), growth, patience
         self.initial_adversarial_fraction = float(adversarial_fraction)

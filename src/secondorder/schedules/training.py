@@ -35,11 +35,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from secondorder.data import call_model, seed_global_rng, to_device
 from secondorder.linalg import eigenvalues
 from secondorder.operators import HessianOperator
-from secondorder.data import call_model, seed_global_rng, to_device
 from secondorder.schedules.adaptive_batch import AdaptiveBatchSize
-from secondorder.validation import positive_int, scalar_loss
+from secondorder.validation import non_negative_int, positive_int, scalar_loss
 
 __all__ = ["AdaptiveBatchTrainer", "EpochRecord", "fgsm", "top_eigenvalue"]
 
@@ -365,8 +365,7 @@ class AdaptiveBatchTrainer:
         """Train ``epochs`` more epochs; returns the whole :attr:`history`."""
         from tqdm import tqdm
 
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+        non_negative_int(epochs, "epochs")
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         was_training = self.model.training
         bar = tqdm(range(epochs), desc="training", unit="epoch", disable=not self.progress, leave=False,
