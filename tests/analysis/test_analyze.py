@@ -9,11 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from secondorder.analysis import HessianAnalysis, analyze
-from tests.operators.references import dense_hessian, tiny_mlp_problem
-
-
-def tiny_problem(seed: int = 0):
-    return tiny_mlp_problem(seed, 32, 20)  # ragged batches: weighted by size
+from tests.cases import tiny_problem
+from tests.references import dense_hessian
 
 
 @pytest.fixture(scope="module")

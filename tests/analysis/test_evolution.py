@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from secondorder.analysis import HessianTracker, hessian_evolution
-from tests.analysis.test_analyze import tiny_problem
-from tests.operators.references import dense_hessian
+from tests.cases import tiny_problem
+from tests.references import dense_hessian
 
 
 def test_tracker_matches_exact_hessians_along_training():

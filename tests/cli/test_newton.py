@@ -8,9 +8,9 @@ import json
 import pytest
 
 from secondorder.cli import main
+from secondorder.datasets.glm import load_dataset
 from secondorder.distributed import launch
 from secondorder.newton import LogisticRegression, simulate
-from secondorder.datasets.glm import load_dataset
 
 from . import workers
 

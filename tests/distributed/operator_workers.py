@@ -9,7 +9,7 @@ from secondorder import GGNOperator, HessianOperator, diagonal, eigenvalues, sol
 from secondorder.analysis import analyze
 from secondorder.distributed import current_world
 
-from ..operators.references import tiny_mlp_problem
+from ..references import tiny_mlp_problem
 
 
 def shard_batches(world_size: int, dtype: torch.dtype = torch.float64) -> tuple[torch.nn.Module, list[list]]:

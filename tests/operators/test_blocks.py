@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import secondorder as so
-from tests.operators.references import dense_hessian
-from tests.operators.test_curvature import data, names
+from tests.cases import data, names
+from tests.references import dense_hessian
 
 
 def wide_mlp() -> nn.Module:

@@ -10,63 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from secondorder import Block, GGNOperator, HessianOperator
-from tests.operators.references import closure_hessian, dense_ggn, dense_hessian
+from tests.cases import LOSSES, KeywordModel, cnn, data, gen, mlp, names, ragged
+from tests.references import closure_hessian, dense_ggn, dense_hessian
 
 TOL = 1e-10  # float64 products against float64 references: only rounding separates them
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def mlp(out: int = 3, bn: bool = False) -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        layers = [nn.Linear(5, 6)] + ([nn.BatchNorm1d(6)] if bn else []) + [nn.Tanh(), nn.Linear(6, out)]
-        model = nn.Sequential(*layers).double()
-    if bn:  # non-trivial running statistics and affine parameters
-        with torch.no_grad():
-            model[1].running_mean.uniform_(-0.5, 0.5, generator=_gen(1))
-            model[1].running_var.uniform_(0.5, 2.0, generator=_gen(2))
-            model[1].weight.uniform_(0.5, 1.5, generator=_gen(3))
-    return model
-
-
-def cnn(out: int = 3, bn: bool = False) -> nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        layers = [nn.Conv2d(1, 2, 3)] + ([nn.BatchNorm2d(2)] if bn else [])
-        layers += [nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, out)]
-        return nn.Sequential(*layers).double()
-
-
-def data(kind: str, loss: str, n: int = 13, out: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    g = _gen(7)
-    X = torch.randn(n, 5, generator=g, dtype=torch.float64) if kind == "mlp" else torch.randn(
-        n, 1, 6, 6, generator=g, dtype=torch.float64
-    )
-    if loss == "ce":
-        y = torch.randint(0, out, (n,), generator=g)
-    elif loss == "mse":
-        y = torch.randn(n, out, generator=g, dtype=torch.float64)
-    else:
-        y = torch.randint(0, 2, (n, out), generator=g).double()
-    return X, y
-
-
-LOSSES = {"ce": nn.CrossEntropyLoss(), "mse": nn.MSELoss(), "bce": nn.BCEWithLogitsLoss()}
-
-
-def ragged(X, y, sizes=(5, 5, 3)):
-    out, i = [], 0
-    for s in sizes:
-        out.append((X[i : i + s], y[i : i + s]))
-        i += s
-    return out
-
-
-def names(model):
-    return [n for n, _ in model.named_parameters()]
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -151,17 +98,6 @@ def test_closure_loss_with_dict_batches():
     assert (A.to_dense() - reference).abs().max() <= TOL
 
 
-class KeywordModel(nn.Module):
-    """An MLP whose forward takes its input as the keyword ``features`` (dict-input batches)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inner = mlp()
-
-    def forward(self, features):
-        return self.inner(features)
-
-
 def test_dict_inputs_call_model_with_keywords():
     model = KeywordModel()
     X, y = data("mlp", "ce")
@@ -220,7 +156,7 @@ def test_dropout_in_train_mode_fixed_matrix_and_global_rng_untouched():
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     X, y = data("mlp", "ce")
     A = HessianOperator(model, F.cross_entropy, ragged(X, y))
-    v = torch.randn(A.shape[0], 3, generator=_gen(0), dtype=torch.float64)
+    v = torch.randn(A.shape[0], 3, generator=gen(0), dtype=torch.float64)
     before = torch.get_rng_state()
     first, second = A @ v, A @ v
     assert torch.equal(torch.get_rng_state(), before)
@@ -237,7 +173,7 @@ def test_products_vector_block_chunks_and_counting():
     X, y = data("cnn", "ce")
     A = HessianOperator(model, F.cross_entropy, ragged(X, y))
     C = HessianOperator(model, F.cross_entropy, ragged(X, y), chunk_size=2, backend="vmap")
-    V = torch.randn(A.shape[0], 5, generator=_gen(3), dtype=torch.float64)
+    V = torch.randn(A.shape[0], 5, generator=gen(3), dtype=torch.float64)
     AV = A @ V
     assert AV.shape == V.shape and A.num_matvecs == 5
     assert (C @ V - AV).abs().max() <= 1e-12
@@ -277,7 +213,7 @@ def test_quadratic_forms_reduce_without_the_product_block(operator, backend):
     model = mlp()
     X, y = data("mlp", "ce")
     A = operator(model, LOSSES["ce"], ragged(X, y), backend=backend, chunk_size=2)
-    signs = torch.randint(0, 2, (A.shape[0], 5), generator=_gen(4), dtype=torch.int8) * 2 - 1
+    signs = torch.randint(0, 2, (A.shape[0], 5), generator=gen(4), dtype=torch.int8) * 2 - 1
     V = signs.double()
     expected = torch.stack([(V * (A @ V))[b.start : b.stop].sum(0) for b in A.blocks])
     before = A.num_matvecs
@@ -294,7 +230,7 @@ def test_shuffling_loader_with_train_batchnorm_is_one_fixed_matrix():
     X, y = data("mlp", "ce", n=24)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=6, shuffle=True)
     A = HessianOperator(model, F.cross_entropy, loader)
-    v = torch.randn(A.shape[0], 2, generator=_gen(5), dtype=torch.float64)
+    v = torch.randn(A.shape[0], 2, generator=gen(5), dtype=torch.float64)
     before = torch.get_rng_state()
     first = A @ v
     torch.rand(3)  # the caller's own random draws between products must not matter

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import secondorder as so
-from tests.operators.test_curvature import data, mlp, ragged
+from tests.cases import data, mlp, ragged
 
 
 @pytest.fixture

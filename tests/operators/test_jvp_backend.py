@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from secondorder import GGNOperator, HessianOperator, trace
-from tests.operators.references import dense_hessian
-from tests.operators.test_curvature import LOSSES, KeywordModel, _gen, cnn, data, mlp, names, ragged
+from tests.cases import LOSSES, KeywordModel, cnn, data, gen, mlp, names, ragged
+from tests.references import dense_hessian
 
 TOL = 1e-10
 
@@ -25,8 +25,8 @@ def layernorm_model() -> nn.Module:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).double()
     with torch.no_grad():  # a non-trivial affine map
-        model[1].weight.uniform_(0.5, 1.5, generator=_gen(11))
-        model[1].bias.uniform_(-0.5, 0.5, generator=_gen(12))
+        model[1].weight.uniform_(0.5, 1.5, generator=gen(11))
+        model[1].bias.uniform_(-0.5, 0.5, generator=gen(12))
     return model
 
 
@@ -60,8 +60,8 @@ def test_matches_dense_reference_on_ragged_loader(arch, loss, chunk_size):
 def test_one_batch_and_eval_batchnorm():
     model = cnn(bn=True)
     with torch.no_grad():
-        model[1].running_mean.uniform_(-0.5, 0.5, generator=_gen(1))
-        model[1].running_var.uniform_(0.5, 2.0, generator=_gen(2))
+        model[1].running_mean.uniform_(-0.5, 0.5, generator=gen(1))
+        model[1].running_var.uniform_(0.5, 2.0, generator=gen(2))
     model.eval()
     X, y = data("cnn", "ce")
     reference = dense_hessian(model, F.cross_entropy, [(X, y)], names(model))
@@ -101,7 +101,7 @@ def test_dropout_in_train_mode_same_matrix_as_loop(chunk_size):
     assert torch.equal(torch.get_rng_state(), before)  # the caller's RNG is untouched
     assert close(dense, loop)  # one mask for every probe, every chunk, and the loop backend's mask
     assert (dense - dense.T).abs().max() <= 1e-12
-    v = torch.randn(A.shape[0], 3, generator=_gen(0), dtype=torch.float64)
+    v = torch.randn(A.shape[0], 3, generator=gen(0), dtype=torch.float64)
     assert torch.equal(A @ v, A @ v)  # one fixed matrix across products
     model.eval()  # and the masks did matter
     assert not close(HessianOperator(model, F.cross_entropy, ragged(X, y), backend="jvp").to_dense(), loop, 1e-3)
@@ -112,7 +112,7 @@ def test_quadratic_forms_and_trace_equal_loop():
     X, y = data("cnn", "ce")
     loop = HessianOperator(model, F.cross_entropy, ragged(X, y), backend="loop")
     jvp = HessianOperator(model, F.cross_entropy, ragged(X, y), backend="jvp", chunk_size=3)
-    signs = torch.randint(0, 2, (jvp.shape[0], 5), generator=_gen(4), dtype=torch.int8) * 2 - 1
+    signs = torch.randint(0, 2, (jvp.shape[0], 5), generator=gen(4), dtype=torch.int8) * 2 - 1
     expected = loop.quadratic_forms(signs)
     forms = jvp.quadratic_forms(signs)
     assert forms.shape == (len(jvp.blocks), 5) and jvp.num_matvecs == 5
@@ -168,7 +168,7 @@ def test_float32_and_gradient_contract():
     model = mlp()
     X, y = data("mlp", "ce")
     params = list(model.parameters())
-    V = torch.randn(3, sum(p.numel() for p in params), generator=_gen(9), dtype=torch.float64)
+    V = torch.randn(3, sum(p.numel() for p in params), generator=gen(9), dtype=torch.float64)
     out_jvp, out_loop = torch.zeros_like(V), torch.zeros_like(V)
     g_jvp = hessian_product_jvp(model, F.cross_entropy, X, y, names(model), V, product_sink(out_jvp, params, 1.0), 2)
     g_loop = hessian_product(F.cross_entropy(model(X), y), params, V, product_sink(out_loop, params, 1.0))

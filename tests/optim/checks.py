@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from secondorder.distributed.reducer import LOCAL
 from secondorder.optim import StepContext
-from tests.operators.test_curvature import data, mlp
+from tests.cases import data, mlp
 
 
 def refresh_context(seed: int) -> StepContext:

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from secondorder.optim import AdaHessian, HutchinsonRademacher, spatial_average
-from tests.operators.references import dense_hessian
-from tests.operators.test_curvature import data, mlp, names
+from tests.cases import data, mlp, names
 from tests.optim.checks import assert_accumulation_equals_full_batch, assert_resumes_bitwise, refresh_context
+from tests.references import dense_hessian
 
 A_DIAG = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from secondorder.optim import AdaHessian, SophiaG, SophiaH
-from tests.operators.test_curvature import data, mlp
+from tests.cases import data, mlp
 
 MAKERS = {
     "adahessian": lambda params, **kw: AdaHessian(params, lr=0.05, **kw),

@@ -12,9 +12,9 @@ from torch import nn
 
 import secondorder as so
 from secondorder.optim import SophiaG, SophiaH
-from tests.operators.references import dense_ggn, dense_hessian
-from tests.operators.test_curvature import data, mlp, names
+from tests.cases import data, mlp, names
 from tests.optim.checks import assert_accumulation_equals_full_batch, assert_resumes_bitwise, refresh_context
+from tests.references import dense_ggn, dense_hessian
 
 A_DIAG = torch.tensor([1.0, 4.0, 0.25, -0.5], dtype=torch.float64)  # one negative-curvature coordinate
 

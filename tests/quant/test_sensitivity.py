@@ -12,7 +12,7 @@ from torch import nn
 from secondorder.quant.qat import finetune, quantize
 from secondorder.quant.quantizers import QuantizedLayer, quantization_error
 from secondorder.quant.sensitivity import hawq_v1, hawq_v2, layer_sensitivities, qbert
-from tests.operators.references import dense_hessian, tiny_mlp_problem
+from tests.references import dense_hessian, tiny_mlp_problem
 
 
 def problem(seed: int = 0):

@@ -11,7 +11,7 @@ from torch import nn
 
 from secondorder.datasets import gaussian_mixture
 from secondorder.schedules import AdaptiveBatchSize, AdaptiveBatchTrainer, fgsm, top_eigenvalue
-from tests.operators.references import dense_hessian
+from tests.references import dense_hessian
 
 F64 = torch.float64
 N = 40

@@ -55,7 +55,7 @@ from secondorder.newton.problems import GLMProblem, as_weights, effective_dimens
 from secondorder.newton.sketches import (
     RidgeDPP,
     RowSketch,
-    _check_size,
+    check_sketch_size,
     gaussian_sketch,
     less_sketch,
     poisson_sketch,
@@ -121,7 +121,7 @@ class SketchConfig:
 
     def check(self, dim: int) -> None:
         """Raise if the sketch size does not exceed the dimension."""
-        _check_size(self.sketch_size, dim)
+        check_sketch_size(self.sketch_size, dim)
 
     def local_solves(self, factors: Sequence[Tensor], lam: float, d_lam: float,
                      generators: Sequence[torch.Generator], gradient: Tensor):

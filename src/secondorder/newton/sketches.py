@@ -64,7 +64,8 @@ def _check_factor(factor: Tensor) -> Tensor:
     return a
 
 
-def _check_size(m: int, d: int) -> int:
+def check_sketch_size(m: int, d: int) -> int:
+    """The sketch size ``m`` as an ``int`` above the dimension ``d`` (clear error otherwise)."""
     if isinstance(m, bool) or int(m) != m:
         raise ValueError(f"sketch size m must be an integer, got {m!r}")
     m = int(m)
@@ -114,7 +115,7 @@ def sample_rows(
 ) -> RowSketch:
     """m i.i.d. rows with probabilities p, row i scaled by :math:`1/\\sqrt{m p_i}`."""
     a = _check_factor(factor)
-    m = _check_size(m, a.shape[1])
+    m = check_sketch_size(m, a.shape[1])
     idx = _iid_indices(probabilities, m, generator)
     return RowSketch(_scaled_rows(a, idx, probabilities, m), idx)
 
@@ -138,7 +139,7 @@ def poisson_sketch(
     rank-one terms and determinantal averaging is exactly unbiased (Dereziński & Mahoney, 2019).
     """
     a = _check_factor(factor)
-    m = _check_size(m, a.shape[1])
+    m = check_sketch_size(m, a.shape[1])
     probs = row_probabilities(a, "uniform") if probabilities is None else probabilities
     count = int(torch.poisson(torch.tensor([float(m)], dtype=DTYPE), generator=generator))
     idx = _iid_indices(probs, count, generator)
@@ -148,7 +149,7 @@ def poisson_sketch(
 def gaussian_sketch(factor: Tensor, m: int, generator: torch.Generator) -> RowSketch:
     """SA with S having i.i.d. N(0, 1/m) entries (m x n)."""
     a = _check_factor(factor)
-    m = _check_size(m, a.shape[1])
+    m = check_sketch_size(m, a.shape[1])
     s = torch.randn(m, a.shape[0], dtype=DTYPE, generator=generator) / math.sqrt(m)
     return RowSketch(s @ a)
 
@@ -166,7 +167,7 @@ def less_sketch(
     (default d, the analyzed choice) rows of A drawn i.i.d. from p (``distribution``: ridge
     leverage, or uniform for "LESS-uniform"), so that :math:`E[S^\top S] = I`."""
     a = _check_factor(factor)
-    m = _check_size(m, a.shape[1])
+    m = check_sketch_size(m, a.shape[1])
     s = a.shape[1] if nonzeros is None else positive_int(nonzeros, "nonzeros (per row of S)")
     probs = row_probabilities(a, distribution, lam)
     idx = _iid_indices(probs, m * s, generator).view(m, s)
@@ -243,7 +244,7 @@ def surrogate_sketch(
     Pass a precomputed ``dpp`` (for the same A and lam) to amortize its eigendecomposition.
     """
     a = _check_factor(factor)
-    m = _check_size(m, a.shape[1])
+    m = check_sketch_size(m, a.shape[1])
     lam = check_lam(lam)
     d_lam = effective_dimension(a, lam)
     probs = row_probabilities(a, distribution, lam)
