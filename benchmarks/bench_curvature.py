@@ -35,7 +35,8 @@ from torch import nn
 
 NUM_THREADS = prepare()
 import secondorder  # noqa: E402  (after prepare() put src/ on the path if needed)
-from secondorder.environment import cpu_model, describe as machine  # noqa: E402
+from secondorder.environment import cpu_model  # noqa: E402
+from secondorder.environment import describe as machine
 
 
 # ---------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ NUM_THREADS = prepare()
 import secondorder  # noqa: E402  (after prepare() put src/ on the path if needed)
 from secondorder.environment import describe as machine  # noqa: E402
 from secondorder.optim import AdaHessian, SophiaG, SophiaH  # noqa: E402
+
 BLOCK = 10  # steps per timed block
 LR = 1e-3  # small enough that ~100 steps on random labels stay finite for every optimizer
 DEVICE = torch.device("cpu")  # set by --device

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, train_step, write_markdown  # noqa: E402
-from update_frequency import Net as Net1D, load_data as load_mnist1d  # noqa: E402
+from update_frequency import Net as Net1D  # noqa: E402
+from update_frequency import load_data as load_mnist1d
 
 from secondorder.optim.adahessian import AdaHessian  # noqa: E402
 

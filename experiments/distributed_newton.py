@@ -48,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, write_markdown  # noqa: E402
 
+from secondorder.datasets.glm import load_dataset  # noqa: E402
 from secondorder.newton import (  # noqa: E402
     LogisticRegression,
     draw_sketches,
@@ -57,10 +58,9 @@ from secondorder.newton import (  # noqa: E402
     one_step_error,
     scaled_regularization,
     simulate,
+    simulator,  # noqa: E402
     sketched_hessians,
 )
-from secondorder.newton import simulator  # noqa: E402
-from secondorder.datasets.glm import load_dataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATASETS = ("australian", "ionosphere", "wisconsin")

@@ -504,7 +504,7 @@ def report(a, res, total, cmd):
           "goes up when moving to the next larger frontier point (ΣΩ falls strictly along it by construction):", "",
           "| dataset | seed | frontier points | Δℓ rises along frontier | Δℓ of the frontier points (smallest → largest) |",
           "|---|---|---|---|---|"]
-    for (ds, s), (c, r1, _, _) in res.items():
+    for (ds, s), (_, r1, _, _) in res.items():
         L.append(f"| {ds} | {s} | {len(r1['frontier'])} | {r1['frontier_rises']} | "
                  + ", ".join(f"{v:.3g}" for v in r1["frontier_dl"]) + " |")
     L.append("")

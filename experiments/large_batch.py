@@ -286,7 +286,7 @@ def main():
     w = 0.8 / len(cs)
     for i, c in enumerate(cs):
         rs = [res[c["key"]][s] for s in S]
-        for k, (vals, lab) in enumerate(((([r["eig"][0] for r in rs]), "λ1"), ([r["trace"] for r in rs], "trace"))):
+        for k, (vals, _lab) in enumerate(((([r["eig"][0] for r in rs]), "λ1"), ([r["trace"] for r in rs], "trace"))):
             m_, sd = mean_std(vals)
             ax.bar(k + (i - (len(cs) - 1) / 2) * w, m_, w, yerr=sd, capsize=3, color=colors[c["key"]],
                    label=c["label"] if k == 0 else None)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from common import machine_line, train_step, write_markdown
+
 from secondorder.datasets.mnist1d import Mnist1dCNN, load_mnist1d
 from secondorder.optim.adahessian import AdaHessian
 

@@ -1,5 +1,6 @@
 """Batches and the global RNG, shared by the operators and the applications: one batch or a re-iterable of
-batches, moving and calling them, and seeding the (forked) generators per batch."""
+batches, moving and calling them, and seeding the (forked) generators per batch.
+"""
 
 from __future__ import annotations
 

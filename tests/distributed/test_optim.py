@@ -108,7 +108,7 @@ def test_a_ddp_wrapped_model_gives_the_same_run(two_ranks):
     perturbs its running mean at step 5 and DDP's forward broadcast of rank 0's buffers undoes it.
     With find_unused_parameters, rank 1 never uses one parameter (its gradient is rank 0's
     halved, as on the concatenated batch) and no rank uses another (it is never updated)."""
-    for i, (ddp, branchy) in enumerate(zip(w.DDP_OPTIONS, w.BRANCHY)):
+    for i, (_ddp, branchy) in enumerate(zip(w.DDP_OPTIONS, w.BRANCHY)):
         name, options = w.CONFIGS[i % 2 * 3]
         expected = w.train(name, options, torch.float64, [torch.arange(w.N)], bn=True, branchy=branchy)
         for rank in range(2):

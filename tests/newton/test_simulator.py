@@ -158,7 +158,7 @@ def test_sharded_machines_sketch_only_their_own_rows():
         dirs.append((a, uniform_sketch(a, 8, generator).rows))
     d_lam = sum(dims) / 4  # "estimated": the machines' mean of their own d_lambda
     gamma = 1 - d_lam / 8
-    for a, rows in dirs:
+    for _, rows in dirs:
         h = rows.T @ rows + gamma * problem.lam * torch.eye(3, dtype=F64)
         dirs_k = gamma * torch.linalg.solve(h, g)
         logdets.append((dirs_k, torch.linalg.slogdet(h).logabsdet))

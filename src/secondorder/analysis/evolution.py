@@ -46,6 +46,7 @@ class HessianTracker:
         **operator_kwargs: passed to the operator (``closure=True``, ...).
 
     The model is only read: its mode, parameters, buffers and the global RNG are left as they were.
+
     """
 
     def __init__(self, loss_fn: Callable, data: Any, params: Any = None, trace_matvecs: int = 30, seed: int = 0,

@@ -23,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -94,8 +94,8 @@ class HessianAnalysis(Serializable):
         return cls.from_json(Path(path).read_text())
 
 
-def _without_vectors(result: EigenResult | None) -> EigenResult | None:
-    return None if result is None else dataclasses.replace(result, eigenvectors=result.eigenvectors[:0])
+def _without_vectors(result: EigenResult) -> EigenResult:
+    return dataclasses.replace(result, eigenvectors=result.eigenvectors[:0])
 
 
 def _layer_stats(tr: TraceResult, per_block: dict[str, EigenResult]) -> tuple[LayerStats, ...]:
@@ -149,7 +149,7 @@ def analyze(
     P = op.shape[0]
     if top_k >= P or bottom_k >= P:
         raise ValueError(f"top_k and bottom_k must be below the number of parameters ({P})")
-    eig_kwargs = dict(max_matvecs=max_matvecs, progress=progress)
+    eig_kwargs: dict[str, Any] = dict(max_matvecs=max_matvecs, progress=progress)
     loss, grad = op.loss_and_gradient()
     tr = trace(op, trace_matvecs, seed=seed, progress=progress)
     top = eigenvalues(op, top_k, "largest", seed=seed, **eig_kwargs)
@@ -167,8 +167,8 @@ def analyze(
                              progress)
     return HessianAnalysis(
         curvature=curvature, num_parameters=P, num_samples=op.num_samples, loss=loss,
-        gradient_norm=float(grad.norm()),
-        trace=tr, top=_without_vectors(top), bottom=_without_vectors(bottom), density=density,
+        gradient_norm=float(cast(torch.Tensor, grad).norm()),
+        trace=tr, top=_without_vectors(top), bottom=None if bottom is None else _without_vectors(bottom), density=density,
         layers=_layer_stats(tr, per_block), landscape_1d=land1, landscape_2d=land2, seed=seed,
         seconds=time.perf_counter() - start, num_matvecs=op.num_matvecs,
     )

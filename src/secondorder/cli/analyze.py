@@ -122,7 +122,8 @@ def _default_model(args: argparse.Namespace, device: torch.device):
 
 def _my_shard(data, reducer: Reducer) -> list:
     """Rank r's batches r, r + W, ... of the analysis data (every rank loads the same data; one
-    batch or a sequence of batches, by the operators' rule :func:`as_batches`)."""
+    batch or a sequence of batches, by the operators' rule :func:`as_batches`).
+    """
     batches = list(as_batches(data))
     try:
         return reducer.shard(batches, what="the analysis data (batches)")
@@ -131,6 +132,7 @@ def _my_shard(data, reducer: Reducer) -> list:
 
 
 def run(args: argparse.Namespace) -> tuple[dict | None, str]:
+    """The ``analyze`` command: its summary (``None`` on ranks other than 0) and the text to print."""
     if not under_torchrun():
         return _run(args, None)
     world, finished = join_torchrun(), False

@@ -52,6 +52,7 @@ def load(spec: str, option: str) -> Any:
 
 
 def call_factory(spec: str, option: str) -> Any:
+    """Call the ``MODULE:NAME`` factory named by ``option``; its failure is a usage error."""
     try:
         return load(spec, option)()
     except UsageError:
@@ -61,6 +62,7 @@ def call_factory(spec: str, option: str) -> Any:
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> dict:
+    """Load the state dict at ``path`` into ``model`` (usage error if it does not fit); returns it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -77,6 +79,7 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> dict:
 
 
 def loss_function(spec: str) -> Callable:
+    """A built-in loss by name (``cross_entropy``, ...) or a ``MODULE:NAME`` callable."""
     return LOSSES[spec] if spec in LOSSES else load(spec, "--loss")
 
 
@@ -102,6 +105,7 @@ def check_forward(model: torch.nn.Module, loss_fn: Callable, data: Any, device: 
 
 
 def parameter_names(args: argparse.Namespace) -> list[str] | None:
+    """The ``--params`` names or module prefixes (``None``: all trainable parameters)."""
     return [p.strip() for p in args.params.split(",") if p.strip()] if args.params else None
 
 
@@ -142,7 +146,8 @@ def user_input(what: str) -> Iterator[None]:
 @contextmanager
 def atomic_directory(out: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside ``out``; on success its files replace those of ``out``,
-    on error it vanishes (so bad input leaves nothing written)."""
+    on error it vanishes (so bad input leaves nothing written).
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
@@ -169,6 +174,7 @@ def add_output_options(parser: argparse.ArgumentParser, default_out: str) -> Non
 
 
 def device_of(args: argparse.Namespace) -> torch.device:
+    """The ``--device``, checked to exist here."""
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
@@ -194,6 +200,7 @@ def join_torchrun(backend: str | None = None, timeout: float = 120.0):
 
 
 def wants_own_model(args: argparse.Namespace) -> bool:
+    """Whether the user named a model, data or checkpoint (instead of the embedded default)."""
     return bool(args.model or args.data or args.checkpoint)
 
 

@@ -201,6 +201,7 @@ def _table(summary: dict, rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> tuple[dict | None, str]:
+    """The ``newton`` command: its summary (``None`` on ranks other than 0) and the text to print."""
     engine = _engine(args)
     problem = _problem(args)
     if engine == "simulator":

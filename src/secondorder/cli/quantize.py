@@ -219,6 +219,7 @@ def _markdown(summary: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:
+    """The ``quantize`` command: its summary and the text to print."""
     device = device_of(args)
     bits = _bits(args.bits)
     if args.finetune_epochs < 0 or args.probes < 3:

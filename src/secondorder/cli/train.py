@@ -187,7 +187,8 @@ def _problem(args: argparse.Namespace, device: torch.device):
 
 def _controller(args: argparse.Namespace, num_samples: int, saved: dict | None) -> AdaptiveBatchSize:
     """The controller of the flags; with ``saved`` (a resumed run's config) the defaults that derive
-    from --epochs (milestones, adversarial epochs) are the saved run's."""
+    from --epochs (milestones, adversarial epochs) are the saved run's.
+    """
     if args.schedule == "fixed":
         max_batch = args.batch_size
     elif args.max_batch_size is None:
@@ -299,6 +300,7 @@ def _table(summary: dict, rows: list[dict], out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:
+    """The ``train`` command: its summary and the text to print."""
     _check(args)
     device = device_of(args)
     start = time.perf_counter()

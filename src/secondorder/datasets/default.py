@@ -29,6 +29,7 @@ class Problem:
         loss_fn: the loss, called as ``loss_fn(model(inputs), targets)``
             (mean reduction over a batch).
         data: list of ``(inputs, targets)`` batches.
+
     """
 
     model: nn.Module

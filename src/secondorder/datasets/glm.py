@@ -91,7 +91,8 @@ def _breast_cancer() -> tuple[Tensor, Tensor]:
 
 def synthetic(n: int = 1000, d: int = 20, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Raw (unstandardized) Gaussian logistic data: x ~ N(0, I_d), w ~ N(0, 4 I_d / d),
-    P(y = +1 | x) = sigmoid(x^T w); both classes guaranteed present."""
+    P(y = +1 | x) = sigmoid(x^T w); both classes guaranteed present.
+    """
     if n < 2 or d < 1:
         raise ValueError(f"synthetic data needs n >= 2 and d >= 1, got n={n}, d={d}")
     gen = torch.Generator().manual_seed(int(seed))

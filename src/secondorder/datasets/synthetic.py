@@ -43,6 +43,7 @@ def gaussian_mixture(
     Returns:
         ``(inputs, targets)``: inputs of shape ``(N, D)`` and dtype ``dtype``
         and int64 class labels of shape ``(N,)`` with values in ``[0, C)``.
+
     """
     for name, value in (
         ("num_samples", num_samples),
@@ -77,6 +78,7 @@ def batches(inputs: Tensor, targets: Tensor, batch_size: int) -> list[tuple[Tens
 
     Returns:
         A list of ``ceil(N / batch_size)`` pairs ``(inputs_b, targets_b)``.
+
     """
     positive_int(batch_size, "batch_size")
     if inputs.shape[0] != targets.shape[0]:

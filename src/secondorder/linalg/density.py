@@ -41,6 +41,7 @@ def spectral_density(
 
     Returns:
         :class:`SpectralDensityResult` with real ``nodes`` and ``weights`` (rows sum to 1).
+
     """
     A = as_operator(A)
     positive_int(num_probes, "num_probes")

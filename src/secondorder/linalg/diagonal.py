@@ -96,6 +96,7 @@ def diagonal(
 
     Returns:
         :class:`DiagonalResult` with ``value`` ``[P]`` and per-entry ``stderr`` ``[P]``.
+
     """
     methods = with_probe_chunk(_METHODS, "hutchinson", probe_chunk)
     _, out, used = run_estimator(A, num_matvecs, method, methods, seed, "diagonal", progress)

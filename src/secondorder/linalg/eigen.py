@@ -61,7 +61,8 @@ def _default_tol(dtype: torch.dtype) -> float:
 @dataclass(frozen=True)
 class _Run:
     """What one solver hands back: eigenpairs sorted for ``which``, their residuals and tests,
-    the products spent (columns), the restarts, the residual history and the norm estimate."""
+    the products spent (columns), the restarts, the residual history and the norm estimate.
+    """
 
     eigenvalues: Tensor
     eigenvectors: Tensor
@@ -116,7 +117,8 @@ def basis_size(p: int, k: int, ncv: int | None, b: int) -> int:
     """The Lanczos basis size ``min(p, ncv or max(2k + 10, 20) + 8 (b - 1))``; it must exceed ``k``.
 
     A block Krylov space of ``n`` columns holds polynomials of degree ``n / b`` only, so the
-    default grows with the block (measured in benchmarks/README.md)."""
+    default grows with the block (measured in benchmarks/README.md).
+    """
     m = min(p, ncv or max(2 * k + 10, 20) + 8 * (b - 1))
     if m <= k:
         raise ValueError(f"ncv must exceed k; got ncv={m}, k={k}")
@@ -248,7 +250,8 @@ def uncertified(theta: Tensor, block_size: int, resolution: float) -> Tensor:
     """Pairs whose rank a residual check cannot certify: those ranked after a value found
     ``block_size`` times or more (copies within ``resolution``). A block of ``b`` vectors finds,
     generically, at most ``b`` copies of an eigenvalue (one vector: one copy), so when the result
-    holds that many, further copies may exist and belong before the later pairs."""
+    holds that many, further copies may exist and belong before the later pairs.
+    """
     close = (theta[:, None] - theta[None, :]).abs() <= resolution
     full = close.sum(1) >= block_size  # [i]: theta_i reached the block's multiplicity
     rank = torch.arange(theta.numel())
@@ -270,14 +273,16 @@ def dense(p: int, k: int, which: str, dtype: torch.dtype, device) -> Solver:
 def default_block_size(k: int, ncv: int | None, method: str) -> int:
     """``k`` (every copy of the wanted set), or with an explicit Lanczos ``ncv``
     ``min(k, max(2, (ncv - k) // 4))``: a restart cycle adds ``(ncv - k) / 2`` columns, which should
-    be about two blocks, but one vector certifies no multiplicity at all (see :func:`uncertified`)."""
+    be about two blocks, but one vector certifies no multiplicity at all (see :func:`uncertified`).
+    """
     return k if ncv is None or method == "power" else min(k, max(2, (ncv - k) // 4))
 
 
 @dataclass(frozen=True)
 class Problem:
     """The validated arguments of one eigenvalue problem of size ``p``: builds its solver and
-    turns the solver's run into an :class:`EigenResult`."""
+    turns the solver's run into an :class:`EigenResult`.
+    """
 
     p: int
     k: int
@@ -363,6 +368,7 @@ def eigenvalues(
     Returns:
         :class:`EigenResult`, eigenvalues sorted from most to least wanted. With ``b < k``, pairs
         ranked after a value found ``b`` times have ``converged=False`` (further copies may exist).
+
     """
     A = as_operator(A)
     P = A.shape[0]

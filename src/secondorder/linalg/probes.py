@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -17,7 +17,8 @@ Seed = int | torch.Generator | None
 
 def make_generator(seed: Seed, A: LinearOperator) -> torch.Generator:
     """A generator on ``A``'s device from an int seed, an existing generator, or for ``None``
-    ``A.reducer.shared_seed()`` (OS entropy; the same on every rank for a data-parallel operator)."""
+    ``A.reducer.shared_seed()`` (OS entropy; the same on every rank for a data-parallel operator).
+    """
     if isinstance(seed, torch.Generator):
         return seed
     gen = torch.Generator(device=A.device)
@@ -69,7 +70,7 @@ def run_estimator(
     seed: Seed,
     what: str,
     progress: bool = False,
-) -> tuple[LinearOperator, object, int]:
+) -> tuple[LinearOperator, Any, int]:
     """Validate and run ``methods[method] = (estimator, minimum budget)`` on ``A``.
 
     Returns the operator, the estimator's output and the number of products it spent.

@@ -34,7 +34,8 @@ def jsonable(value: Any) -> Any:
 
 def rebuild(kind: Any, value: Any) -> Any:
     """The inverse of :func:`jsonable` for a value of type ``kind`` (a dataclass, ``Tensor``,
-    ``tuple[...]``, ``X | None``, or a plain type)."""
+    ``tuple[...]``, ``X | None``, or a plain type).
+    """
     if value is None:
         return None
     if isinstance(kind, type) and dataclasses.is_dataclass(kind):
@@ -93,7 +94,8 @@ def _bootstrap_t(samples: tuple[float, ...], level: float) -> tuple[float, float
     """The bootstrap-t interval of the mean of independent ``samples``: the quantiles of
     ``(mean* - mean) / stderr*`` over resamples stand in for Student's t, so a skewed sample gets an
     asymmetric interval (Efron and Tibshirani 1993, ch. 12). Resampled with a fixed generator:
-    the same result gives the same interval, and the global RNG is untouched."""
+    the same result gives the same interval, and the global RNG is untouched.
+    """
     x = torch.tensor(samples, dtype=torch.float64)
     n = x.numel()
     draws = x[torch.randint(n, (BOOTSTRAP_RESAMPLES, n), generator=torch.Generator().manual_seed(0))]
@@ -141,7 +143,8 @@ class TraceResult(Serializable):
     def confidence_interval(self, level: float = 0.95) -> tuple[float, float]:
         """Bootstrap-t interval from ``samples`` when there are any (it follows their skew: a
         Student-t interval covered 0.90 instead of 0.95 on low-rank matrices), else the Student-t
-        interval ``value +- t_{dof} * stderr``."""
+        interval ``value +- t_{dof} * stderr``.
+        """
         if len(self.samples) > 1:
             return _bootstrap_t(self.samples, level)
         half = _t_quantile(level, self.dof) * self.stderr

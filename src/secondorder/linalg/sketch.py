@@ -54,7 +54,8 @@ def leave_one_out_sketch(A: LinearOperator, s: int, gen: torch.Generator, method
 @dataclass(frozen=True)
 class LeaveTwoOut:
     """``rho[i, j] = s_i^T s_j``, ``nu[i, j] = ||s_j - rho_ij s_i||`` (1 on the diagonal) and
-    ``off`` (``i != j``) for the directions ``u_ij`` that leaving out column ``j`` too removes."""
+    ``off`` (``i != j``) for the directions ``u_ij`` that leaving out column ``j`` too removes.
+    """
 
     rho: Tensor
     nu: Tensor
@@ -75,5 +76,6 @@ class LeaveTwoOut:
 
 def with_covariance(stderr: Tensor, covariance: Tensor) -> Tensor:
     """The standard error of a mean of ``n`` exchangeable samples: ``stderr = std / sqrt(n)`` alone
-    misses the covariance of two samples; a negative ``covariance`` estimate counts as zero."""
+    misses the covariance of two samples; a negative ``covariance`` estimate counts as zero.
+    """
     return (stderr**2 + covariance.clamp_min(0)).sqrt()

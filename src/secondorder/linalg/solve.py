@@ -120,6 +120,7 @@ def solve(
 
     Returns:
         :class:`SolveResult` with ``solution`` shaped like ``b``.
+
     """
     A = as_operator(A)
     P = A.shape[0]

@@ -138,6 +138,7 @@ def trace(
         >>> r = trace(A, 60, method="hutch++", seed=0)
         >>> abs(r.value - 5050) < 4 * r.stderr
         True
+
     """
     methods = with_probe_chunk(_METHODS, "hutchinson", probe_chunk)
     A, (exact, samples, differences), used = run_estimator(A, num_matvecs, method, methods, seed, "trace", progress)

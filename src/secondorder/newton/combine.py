@@ -33,16 +33,16 @@ AVERAGING = ("uniform", "determinantal")
 
 @dataclass(frozen=True)
 class ScaledRegularization:
-    """Local regularizer :math:`\\lambda' = \\lambda\\gamma` and step scale :math:`\\gamma = 1 - d_\\lambda/m`."""
+    r"""Local regularizer :math:`\lambda' = \lambda\gamma` and step scale :math:`\gamma = 1 - d_\lambda/m`."""
 
     local_lam: float
     step_scale: float
 
 
 def scaled_regularization(lam: float, effective_dim: float, m: int) -> ScaledRegularization:
-    """:math:`\\lambda' = \\lambda(1 - d_\\lambda/m)`, step scale :math:`1 - d_\\lambda/m`; needs m > d_λ.
+    r""":math:`\lambda' = \lambda(1 - d_\lambda/m)`, step scale :math:`1 - d_\lambda/m`; needs m > d_λ.
 
-    ``lam`` is the global regularizer, ``effective_dim`` the :math:`d_\\lambda` of the loss-part
+    ``lam`` is the global regularizer, ``effective_dim`` the :math:`d_\lambda` of the loss-part
     Hessian at the current iterate, ``m`` the per-machine sketch size.
     """
     lam = check_lam(lam)
@@ -65,7 +65,8 @@ class LocalSolves:
 
 def stacked_rows(sketches: Sequence[RowSketch]) -> Tensor:
     """The machines' sketched rows as one zero-padded [q, r, d] tensor (padding rows are zero,
-    which leaves every Gram matrix and product unchanged)."""
+    which leaves every Gram matrix and product unchanged).
+    """
     if len(sketches) == 0:
         raise ValueError("need at least one sketch (q >= 1)")
     d = sketches[0].rows.shape[1]
@@ -77,18 +78,20 @@ def stacked_rows(sketches: Sequence[RowSketch]) -> Tensor:
 
 
 def sketched_hessians(sketches: Sequence[RowSketch], local_lam: float) -> Tensor:
-    """Stack :math:`\\hat H_k = \\tilde A_k^\\top\\tilde A_k + \\lambda' I` into [q, d, d]
-    (one batched product over :func:`stacked_rows`)."""
+    r"""Stack :math:`\hat H_k = \tilde A_k^\top\tilde A_k + \lambda' I` into [q, d, d]
+    (one batched product over :func:`stacked_rows`).
+    """
     local_lam = check_lam(local_lam)
     rows = stacked_rows(sketches)
     return rows.mT @ rows + local_lam * torch.eye(rows.shape[2], dtype=DTYPE)
 
 
 def local_directions_cg(rows: Tensor, local_lam: float, gradient: Tensor, iterations: int) -> LocalSolves:
-    """GIANT's local solver: ``iterations`` steps of conjugate gradients on
-    :math:`(\\tilde A_k^\\top\\tilde A_k + \\lambda' I)p = g` for all machines at once, matrix-free
+    r"""GIANT's local solver: ``iterations`` steps of conjugate gradients on
+    :math:`(\tilde A_k^\top\tilde A_k + \lambda' I)p = g` for all machines at once, matrix-free
     (each step costs two [r, d] products per machine instead of forming Ĥ_k). No
-    log-determinants (NaN): determinantal averaging needs the Cholesky solver."""
+    log-determinants (NaN): determinantal averaging needs the Cholesky solver.
+    """
     local_lam = check_lam(local_lam)
     positive_int(iterations, "CG iterations")
     apply = lambda v: (rows.mT @ (rows @ v.unsqueeze(-1))).squeeze(-1) + local_lam * v
@@ -112,7 +115,7 @@ def local_directions_cg(rows: Tensor, local_lam: float, gradient: Tensor, iterat
 
 
 def local_directions(hessians: Tensor, gradient: Tensor) -> LocalSolves:
-    """Solve :math:`\\hat H_k \\hat p_k = g` for all k by batched Cholesky; also log det Ĥ_k."""
+    r"""Solve :math:`\hat H_k \hat p_k = g` for all k by batched Cholesky; also log det Ĥ_k."""
     if hessians.ndim != 3 or hessians.shape[1] != hessians.shape[2]:
         raise ValueError(f"hessians must be [q, d, d], got {tuple(hessians.shape)}")
     if gradient.shape != (hessians.shape[1],):
@@ -132,8 +135,9 @@ def local_directions(hessians: Tensor, gradient: Tensor) -> LocalSolves:
 
 @dataclass(frozen=True)
 class CombinedDirection:
-    """The combined step ``direction``, machine ``weights`` (sum 1), their effective sample size
-    :math:`(\\sum a)^2/\\sum a^2`, and the ``step_scale`` already applied."""
+    r"""The combined step ``direction``, machine ``weights`` (sum 1), their effective sample size
+    :math:`(\sum a)^2/\sum a^2`, and the ``step_scale`` already applied.
+    """
 
     direction: Tensor
     weights: Tensor
@@ -143,14 +147,16 @@ class CombinedDirection:
 
 def local_regularization(lam: float, effective_dim: float, m: int, scaled: bool) -> ScaledRegularization:
     """The machines' regularizer and the combined step's scale: :func:`scaled_regularization`
-    when ``scaled``, else λ itself and scale 1."""
+    when ``scaled``, else λ itself and scale 1.
+    """
     return scaled_regularization(lam, effective_dim, m) if scaled else ScaledRegularization(check_lam(lam), 1.0)
 
 
 def machine_weights(averaging: str, logdets: Tensor, max_logdet: float) -> Tensor:
-    """Unnormalized weights :math:`a_k` of the machines owning ``logdets``: 1 for uniform
-    averaging, :math:`\\exp(\\ell_k - \\max_j \\ell_j)` for determinantal averaging (``max_logdet``
-    is the maximum over *all* machines, an all-reduce in a real run)."""
+    r"""Unnormalized weights :math:`a_k` of the machines owning ``logdets``: 1 for uniform
+    averaging, :math:`\exp(\ell_k - \max_j \ell_j)` for determinantal averaging (``max_logdet``
+    is the maximum over *all* machines, an all-reduce in a real run).
+    """
     if averaging == "uniform":
         return torch.ones_like(logdets)
     if averaging == "determinantal":
@@ -161,14 +167,15 @@ def machine_weights(averaging: str, logdets: Tensor, max_logdet: float) -> Tenso
 
 
 def determinantal_weights(logdets: Tensor) -> Tensor:
-    """Normalized :math:`a_k \\propto \\det\\hat H_k`, via :math:`\\exp(\\ell_k - \\max_j\\ell_j)`."""
+    r"""Normalized :math:`a_k \propto \det\hat H_k`, via :math:`\exp(\ell_k - \max_j\ell_j)`."""
     a = machine_weights("determinantal", logdets, float(logdets.max()))
     return a / a.sum()
 
 
 def combined_direction(weighted_sum: Tensor, weights: Tensor, step_scale: float) -> CombinedDirection:
-    """:math:`\\gamma \\sum_k a_k\\hat p_k / \\sum_k a_k` from ``weighted_sum`` = Σ a_k p̂_k and
-    the unnormalized ``weights`` a [q] of all machines, ``step_scale`` γ."""
+    r""":math:`\gamma \sum_k a_k\hat p_k / \sum_k a_k` from ``weighted_sum`` = Σ a_k p̂_k and
+    the unnormalized ``weights`` a [q] of all machines, ``step_scale`` γ.
+    """
     if not (math.isfinite(step_scale) and step_scale > 0):
         raise ValueError(f"step_scale must be positive, got {step_scale}")
     total = weights.sum()

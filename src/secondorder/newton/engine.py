@@ -34,7 +34,7 @@ EFFECTIVE_DIMS = ("exact", "estimated")
 
 @dataclass(frozen=True)
 class DistributedStep:
-    """One combined step: the ``combined`` direction, the :math:`d_\\lambda(w)` used and the local λ."""
+    r"""One combined step: the ``combined`` direction, the :math:`d_\lambda(w)` used and the local λ."""
 
     combined: CombinedDirection
     effective_dim: float
@@ -72,9 +72,10 @@ class IterationRecord:
 
 @dataclass(frozen=True)
 class NewtonRun:
-    """Iterates [T+1, d] (``iterates[0]`` = start), relative errors :math:`\\|w_t - w^*\\|/\\|w^*\\|`
+    r"""Iterates [T+1, d] (``iterates[0]`` = start), relative errors :math:`\|w_t - w^*\|/\|w^*\|`
     [T+1], gradient norms [T+1], step sizes η_t [T], seconds per iteration [T], effective sample
-    sizes of the machine weights [T], the :math:`d_\\lambda` used [T], and the reference ``w_star``."""
+    sizes of the machine weights [T], the :math:`d_\lambda` used [T], and the reference ``w_star``.
+    """
 
     iterates: Tensor
     relative_errors: Tensor

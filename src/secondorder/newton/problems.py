@@ -91,10 +91,10 @@ def as_weights(dim: int, w: Tensor | None) -> Tensor:
 
 @dataclass(frozen=True)
 class GLMProblem:
-    """Base class: ``features`` X [n, d], ``labels`` y [n], regularizer ``lam`` > 0.
+    r"""Base class: ``features`` X [n, d], ``labels`` y [n], regularizer ``lam`` > 0.
 
-    Subclasses define the per-example loss :math:`\\ell(z, y)` and its first two derivatives
-    in :math:`z = x^\\top w`.
+    Subclasses define the per-example loss :math:`\ell(z, y)` and its first two derivatives
+    in :math:`z = x^\top w`.
     """
 
     features: Tensor
@@ -133,11 +133,11 @@ class GLMProblem:
         return type(self)(self.features[idx], self.labels[idx], self.lam)
 
     def loss_sums(self, points: Tensor) -> Tensor:
-        """:math:`\\sum_j \\ell(x_j^\\top w, y_j)` for each row w of ``points`` [J, d] (no 1/n, no λ)."""
+        r""":math:`\sum_j \ell(x_j^\top w, y_j)` for each row w of ``points`` [J, d] (no 1/n, no λ)."""
         return self._loss_terms(points @ self.features.T).sum(dim=1)
 
     def gradient_sum(self, w: Tensor) -> Tensor:
-        """:math:`\\sum_j \\ell'(x_j^\\top w, y_j)\\,x_j` (no 1/n, no λ)."""
+        r""":math:`\sum_j \ell'(x_j^\top w, y_j)\,x_j` (no 1/n, no λ)."""
         return self.features.T @ self._first_derivative(self.features @ w)
 
     def losses(self, points: Tensor) -> Tensor:
@@ -148,48 +148,49 @@ class GLMProblem:
         return self.objective(self.loss_sums(points), points, self.num_samples)
 
     def objective(self, loss_sums: Tensor, points: Tensor, num_samples: int) -> Tensor:
-        """:math:`L = \\frac1n\\sum_j\\ell_j + \\frac\\lambda2\\|w\\|^2` from the data terms' sums over
-        ``num_samples`` rows (this problem's, or all shards' after an all-reduce)."""
+        r""":math:`L = \frac1n\sum_j\ell_j + \frac\lambda2\|w\|^2` from the data terms' sums over
+        ``num_samples`` rows (this problem's, or all shards' after an all-reduce).
+        """
         return loss_sums / num_samples + 0.5 * self.lam * (points**2).sum(dim=1)
 
     def objective_gradient(self, gradient_sum: Tensor, w: Tensor, num_samples: int) -> Tensor:
-        """:math:`g = \\frac1n\\sum_j\\ell'_j x_j + \\lambda w` from the data terms' sum over ``num_samples`` rows."""
+        r""":math:`g = \frac1n\sum_j\ell'_j x_j + \lambda w` from the data terms' sum over ``num_samples`` rows."""
         return gradient_sum / num_samples + self.lam * w
 
     def loss(self, w: Tensor) -> float:
-        """:math:`L(w) = \\frac1n\\sum_j \\ell(x_j^\\top w, y_j) + \\frac\\lambda2\\|w\\|^2`."""
+        r""":math:`L(w) = \frac1n\sum_j \ell(x_j^\top w, y_j) + \frac\lambda2\|w\|^2`."""
         return float(self.losses(_checked_weights(self.dim, w)[None])[0])
 
     def gradient(self, w: Tensor) -> Tensor:
-        """:math:`g = \\frac1n X^\\top \\ell'(Xw, y) + \\lambda w`."""
+        r""":math:`g = \frac1n X^\top \ell'(Xw, y) + \lambda w`."""
         w = _checked_weights(self.dim, w)
         return self.objective_gradient(self.gradient_sum(w), w, self.num_samples)
 
     def curvatures(self, w: Tensor) -> Tensor:
-        """:math:`\\ell''(x_j^\\top w, y_j)` for every row j (shape [n], non-negative)."""
+        r""":math:`\ell''(x_j^\top w, y_j)` for every row j (shape [n], non-negative)."""
         w = _checked_weights(self.dim, w)
         return self._second_derivative(self.features @ w)
 
     def hessian_factor(self, w: Tensor) -> Tensor:
-        """:math:`A(w) = \\operatorname{diag}(\\sqrt{\\ell''})X/\\sqrt n`, so that ``H = AᵀA + λI``."""
+        r""":math:`A(w) = \operatorname{diag}(\sqrt{\ell''})X/\sqrt n`, so that ``H = AᵀA + λI``."""
         c = self.curvatures(w)
         return self.features * (c.clamp_min(0.0).sqrt() / math.sqrt(self.num_samples))[:, None]
 
     def hessian_product(self, w: Tensor, V: Tensor) -> Tensor:
-        """:math:`H(w)V = \\frac1n X^\\top(\\ell'' \\odot XV) + \\lambda V` for V [d] or [d, K], matrix-free."""
+        r""":math:`H(w)V = \frac1n X^\top(\ell'' \odot XV) + \lambda V` for V [d] or [d, K], matrix-free."""
         c = self.curvatures(w)
         XV = self.features @ V
         return self.features.T @ (c.reshape(-1, *([1] * (XV.ndim - 1))) * XV) / self.num_samples + self.lam * V
 
     def hessian(self, w: Tensor) -> Tensor:
-        """:math:`H(w) = A(w)^\\top A(w) + \\lambda I` (d x d)."""
+        r""":math:`H(w) = A(w)^\top A(w) + \lambda I` (d x d)."""
         a = self.hessian_factor(w)
         return a.T @ a + self.lam * torch.eye(self.dim, dtype=DTYPE)
 
 
 @dataclass(frozen=True)
 class LogisticRegression(GLMProblem):
-    """L2-regularized logistic regression, :math:`\\ell(z, y) = \\log(1 + e^{-yz})`, y in {-1, +1}."""
+    r"""L2-regularized logistic regression, :math:`\ell(z, y) = \log(1 + e^{-yz})`, y in {-1, +1}."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -214,7 +215,7 @@ class LogisticRegression(GLMProblem):
 
 @dataclass(frozen=True)
 class RidgeRegression(GLMProblem):
-    """Ridge regression, :math:`\\ell(z, y) = (z - y)^2 / 2` (a quadratic: H does not depend on w)."""
+    r"""Ridge regression, :math:`\ell(z, y) = (z - y)^2 / 2` (a quadratic: H does not depend on w)."""
 
     def _loss_terms(self, z: Tensor) -> Tensor:
         return 0.5 * (z - self.labels) ** 2
@@ -227,8 +228,9 @@ class RidgeRegression(GLMProblem):
 
 
 def effective_dimension(factor: Tensor, lam: float) -> float:
-    """:math:`d_\\lambda = \\operatorname{tr}(A^\\top A (A^\\top A + \\lambda I)^{-1})
-    = \\sum_i \\sigma_i^2 / (\\sigma_i^2 + \\lambda)`, for the factor A [n, d]."""
+    r""":math:`d_\lambda = \operatorname{tr}(A^\top A (A^\top A + \lambda I)^{-1})
+    = \sum_i \sigma_i^2 / (\sigma_i^2 + \lambda)`, for the factor A [n, d].
+    """
     a = torch.as_tensor(factor, dtype=DTYPE)
     if a.ndim != 2:
         raise ValueError(f"factor must be a 2-D tensor [n, d], got shape {tuple(a.shape)}")
@@ -236,8 +238,9 @@ def effective_dimension(factor: Tensor, lam: float) -> float:
 
 
 def gram_effective_dimension(gram: Tensor, lam: float) -> float:
-    """:math:`d_\\lambda = \\sum_i \\mu_i/(\\mu_i + \\lambda)` over the eigenvalues μ of the Gram
-    matrix :math:`A^\\top A` (d x d; what a data-parallel run can all-reduce)."""
+    r""":math:`d_\lambda = \sum_i \mu_i/(\mu_i + \lambda)` over the eigenvalues μ of the Gram
+    matrix :math:`A^\top A` (d x d; what a data-parallel run can all-reduce).
+    """
     lam = check_lam(lam)
     mu = torch.linalg.eigvalsh(torch.as_tensor(gram, dtype=DTYPE)).clamp_min(0.0)
     return float((mu / (mu + lam)).sum())
@@ -255,7 +258,8 @@ class NewtonResult:
 
 class Objective(Protocol):
     """What Newton's method needs of a problem: a :class:`GLMProblem`, or an engine's
-    :class:`~secondorder.newton.engine.Cluster` whose quantities are sums over machines."""
+    :class:`~secondorder.newton.engine.Cluster` whose quantities are sums over machines.
+    """
 
     dim: int
 
@@ -276,12 +280,12 @@ def armijo_step(
     shrink: float = 0.5,
     max_halvings: int = 60,
 ) -> float:
-    """Largest :math:`\\eta \\in \\{1, s, s^2, ...\\}` with the Armijo condition
-    :math:`L(w - \\eta p) \\le L(w) - c\\,\\eta\\, g^\\top p` for the step ``w - η p``.
+    r"""Largest :math:`\eta \in \{1, s, s^2, ...\}` with the Armijo condition
+    :math:`L(w - \eta p) \le L(w) - c\,\eta\, g^\top p` for the step ``w - η p``.
 
     All trial points and ``w`` are evaluated in one batched ``problem.losses`` call (one
     all-reduce on a data-parallel problem), so every rank picks the same η. The comparison allows
-    a round-off slack of :math:`64\\,\\epsilon_{mach}\\max(1, |L(w)|)` so that steps at the optimum
+    a round-off slack of :math:`64\,\epsilon_{mach}\max(1, |L(w)|)` so that steps at the optimum
     are not rejected for decreases below machine precision. Returns 0.0 when no step satisfies the
     condition (``p`` is not a descent direction).
     """
@@ -295,7 +299,8 @@ def armijo_step(
 
 class HessianAt(LinearOperator):
     """:math:`H(w)` of a GLM problem as a matrix-free operator (products by
-    :meth:`GLMProblem.hessian_product`), for the curvature core's solvers and eigensolvers."""
+    :meth:`GLMProblem.hessian_product`), for the curvature core's solvers and eigensolvers.
+    """
 
     def __init__(self, problem: GLMProblem, w: Tensor):
         self.problem, self.w = problem, _checked_weights(problem.dim, w)
@@ -318,12 +323,12 @@ def newton_solve(
     max_iter: int = 100,
     solver: str = "exact",
 ) -> NewtonResult:
-    """Damped Newton, :math:`w \\leftarrow w - \\eta p` with :math:`p \\approx H^{-1} g` and Armijo
-    backtracking, until :math:`\\|\\nabla L(w)\\| \\le` ``tol``. Starts from ``w0`` (default 0).
+    r"""Damped Newton, :math:`w \leftarrow w - \eta p` with :math:`p \approx H^{-1} g` and Armijo
+    backtracking, until :math:`\|\nabla L(w)\| \le` ``tol``. Starts from ``w0`` (default 0).
 
     ``solver="exact"`` solves with the dense Hessian; ``"cg"`` is Newton-CG (truncated Newton,
     Nocedal & Wright §7.1): conjugate gradients on matrix-free Hessian-vector products to the
-    relative residual :math:`\\min(0.5, \\sqrt{\\|g\\|})`, superlinear near the optimum.
+    relative residual :math:`\min(0.5, \sqrt{\|g\|})`, superlinear near the optimum.
     """
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")

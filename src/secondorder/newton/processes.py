@@ -61,7 +61,8 @@ class ProcessCluster:
     def from_shards(cls, problem: GLMProblem, shards: Sequence[Tensor], *, config: SketchConfig,
                     seed: int = 0) -> "ProcessCluster":
         """Rank k takes rows ``shards[k]`` of ``problem`` (every rank passes the same partition);
-        checks that there is one shard per rank before communicating."""
+        checks that there is one shard per rank before communicating.
+        """
         reducer = reducer_for("auto")
         if len(shards) != reducer.size:
             raise ValueError(
@@ -83,7 +84,7 @@ class ProcessCluster:
         return self.shard.objective(sums, points, self.num_samples)
 
     def _gram(self, factor: Tensor) -> Tensor:
-        """The global :math:`A^\\top A` from this shard's factor (normalized by its own n_k)."""
+        r"""The global :math:`A^\top A` from this shard's factor (normalized by its own n_k)."""
         local = factor.T @ factor * (self.shard.num_samples / self.num_samples)
         return self._sum(local, what="Gram matrix")
 

@@ -84,10 +84,11 @@ def machine_generators(seed: int, machines: int) -> list[torch.Generator]:
 
 @dataclass(frozen=True)
 class SketchConfig:
-    """What every machine does: ``sketch`` of ``sketch_size`` rows, ``averaging``, scaled
-    regularization on or off, how :math:`d_\\lambda` is obtained, and the local solver
+    r"""What every machine does: ``sketch`` of ``sketch_size`` rows, ``averaging``, scaled
+    regularization on or off, how :math:`d_\lambda` is obtained, and the local solver
     (``"cholesky"``: exact, with log-determinants; ``"cg"``: GIANT's ``cg_iterations`` steps of
-    matrix-free conjugate gradients). Validated on creation."""
+    matrix-free conjugate gradients). Validated on creation.
+    """
 
     sketch_size: int
     sketch: str = "uniform"
@@ -126,7 +127,8 @@ class SketchConfig:
     def local_solves(self, factors: Sequence[Tensor], lam: float, d_lam: float,
                      generators: Sequence[torch.Generator], gradient: Tensor):
         """Steps 2-3 for the machines owning ``generators``; ``factors`` holds one factor per
-        machine, or a single one all of them sample from. Returns (LocalSolves, local regularization)."""
+        machine, or a single one all of them sample from. Returns (LocalSolves, local regularization).
+        """
         reg = local_regularization(lam, d_lam, self.sketch_size, bool(self.scaled_regularization))
         if len(factors) == 1:
             sketches = draw_sketches(factors[0], self.sketch_size, lam, self.sketch, generators)
@@ -142,7 +144,8 @@ def draw_sketches(
     factor: Tensor, m: int, lam: float, sketch: str, generators: Sequence[torch.Generator]
 ) -> list[RowSketch]:
     """Each machine's sketch of ``factor`` from its own generator (shared precomputation:
-    sampling probabilities, the DPP's eigendecomposition)."""
+    sampling probabilities, the DPP's eigendecomposition).
+    """
     if sketch in ("uniform", "leverage"):
         probs = row_probabilities(factor, sketch, lam)
         return [sample_rows(factor, m, probs, g) for g in generators]
@@ -162,7 +165,8 @@ def draw_sketches(
 
 def check_shards(shards: Sequence[Tensor], num_samples: int) -> list[Tensor]:
     """``shards`` as index tensors, checked to be a partition of ``range(num_samples)`` into
-    non-empty parts (every row in exactly one shard, so the shards' sums are the global ones)."""
+    non-empty parts (every row in exactly one shard, so the shards' sums are the global ones).
+    """
     parts = [torch.as_tensor(s, dtype=torch.long).flatten() for s in shards]
     empty = [k for k, s in enumerate(parts) if s.numel() == 0]
     if empty:
@@ -186,7 +190,8 @@ def random_shards(num_samples: int, parts: int, seed: int = 0) -> list[Tensor]:
 
 class SimulatedCluster:
     """q virtual machines in one process (see the module docstring); implements
-    :class:`~secondorder.newton.engine.Cluster`."""
+    :class:`~secondorder.newton.engine.Cluster`.
+    """
 
     def __init__(
         self,
@@ -269,17 +274,18 @@ def subsampled_newton(
     w_star: Tensor | None = None,
     seed: int = 0,
 ) -> NewtonRun:
-    """Sub-sampled Newton (Roosta-Khorasani & Mahoney 2016; Bollapragada, Byrd & Nocedal 2016):
+    r"""Sub-sampled Newton (Roosta-Khorasani & Mahoney 2016; Bollapragada, Byrd & Nocedal 2016):
     exact gradient, Hessian from ``sample_size`` rows drawn uniformly each iteration,
-    :math:`w \\leftarrow w - \\eta\\,\\hat H^{-1} g` with Armijo backtracking. It is the
-    one-machine case of the simulator."""
+    :math:`w \leftarrow w - \eta\,\hat H^{-1} g` with Armijo backtracking. It is the
+    one-machine case of the simulator.
+    """
     return simulate(problem, machines=1, sketch_size=sample_size, iterations=iterations,
                     line_search=line_search, w0=w0, w_star=w_star, seed=seed)
 
 
 @dataclass(frozen=True)
 class StepError:
-    """One-step estimation error :math:`\\|\\bar p - p^*\\|/\\|p^*\\|` at a fixed w, with both steps."""
+    r"""One-step estimation error :math:`\|\bar p - p^*\|/\|p^*\|` at a fixed w, with both steps."""
 
     error: float
     direction: Tensor

@@ -42,7 +42,8 @@ ROW_DISTRIBUTIONS = ("uniform", "leverage")
 @dataclass(frozen=True)
 class RowSketch:
     """Sketched rows ``rows`` = SA ([r, d]); ``indices`` [r] of the sampled rows of A (``None``
-    for dense sketches); ``dpp_indices`` the DPP part of a surrogate sketch (else ``None``)."""
+    for dense sketches); ``dpp_indices`` the DPP part of a surrogate sketch (else ``None``).
+    """
 
     rows: Tensor
     indices: Tensor | None = None
@@ -50,7 +51,7 @@ class RowSketch:
 
     @property
     def gram(self) -> Tensor:
-        """:math:`\\tilde A^\\top \\tilde A` (d x d)."""
+        r""":math:`\tilde A^\top \tilde A` (d x d)."""
         return self.rows.T @ self.rows
 
 
@@ -78,7 +79,7 @@ def check_sketch_size(m: int, d: int) -> int:
 
 
 def ridge_leverage_scores(factor: Tensor, lam: float) -> Tensor:
-    """:math:`\\ell_i = a_i^\\top (A^\\top A + \\lambda I)^{-1} a_i`; they sum to :math:`d_\\lambda`."""
+    r""":math:`\ell_i = a_i^\top (A^\top A + \lambda I)^{-1} a_i`; they sum to :math:`d_\lambda`."""
     a = _check_factor(factor)
     lam = check_lam(lam)
     gram = a.T @ a + lam * torch.eye(a.shape[1], dtype=DTYPE)
@@ -113,7 +114,7 @@ def _iid_indices(probs: Tensor, count: int, generator: torch.Generator) -> Tenso
 def sample_rows(
     factor: Tensor, m: int, probabilities: Tensor, generator: torch.Generator
 ) -> RowSketch:
-    """m i.i.d. rows with probabilities p, row i scaled by :math:`1/\\sqrt{m p_i}`."""
+    r"""M i.i.d. rows with probabilities p, row i scaled by :math:`1/\sqrt{m p_i}`."""
     a = _check_factor(factor)
     m = check_sketch_size(m, a.shape[1])
     idx = _iid_indices(probabilities, m, generator)
@@ -121,19 +122,19 @@ def sample_rows(
 
 
 def uniform_sketch(factor: Tensor, m: int, generator: torch.Generator) -> RowSketch:
-    """m rows sampled uniformly with replacement, each scaled by :math:`\\sqrt{n/m}`."""
+    r"""M rows sampled uniformly with replacement, each scaled by :math:`\sqrt{n/m}`."""
     return sample_rows(factor, m, row_probabilities(factor, "uniform"), generator)
 
 
 def leverage_sketch(factor: Tensor, m: int, lam: float, generator: torch.Generator) -> RowSketch:
-    """m rows sampled i.i.d. proportionally to their ridge leverage scores."""
+    """M rows sampled i.i.d. proportionally to their ridge leverage scores."""
     return sample_rows(factor, m, row_probabilities(factor, "leverage", lam), generator)
 
 
 def poisson_sketch(
     factor: Tensor, m: int, generator: torch.Generator, probabilities: Tensor | None = None
 ) -> RowSketch:
-    """K ~ Poisson(m) i.i.d. rows from p (default uniform), scaled by :math:`1/\\sqrt{m p_i}`.
+    r"""K ~ Poisson(m) i.i.d. rows from p (default uniform), scaled by :math:`1/\sqrt{m p_i}`.
 
     The per-row counts are independent Poisson(m p_i), so Ĥ is a sum of independently scaled
     rank-one terms and determinantal averaging is exactly unbiased (Dereziński & Mahoney, 2019).
@@ -163,9 +164,10 @@ def less_sketch(
     nonzeros: int | None = None,
     distribution: str = "leverage",
 ) -> RowSketch:
-    """LESS embedding SA: m sparse rows, each a signed, importance-weighted sum of ``nonzeros``
+    r"""LESS embedding SA: m sparse rows, each a signed, importance-weighted sum of ``nonzeros``
     (default d, the analyzed choice) rows of A drawn i.i.d. from p (``distribution``: ridge
-    leverage, or uniform for "LESS-uniform"), so that :math:`E[S^\top S] = I`."""
+    leverage, or uniform for "LESS-uniform"), so that :math:`E[S^	op S] = I`.
+    """
     a = _check_factor(factor)
     m = check_sketch_size(m, a.shape[1])
     s = a.shape[1] if nonzeros is None else positive_int(nonzeros, "nonzeros (per row of S)")
@@ -178,12 +180,12 @@ def less_sketch(
 
 @dataclass(frozen=True)
 class RidgeDPP:
-    """The L-ensemble DPP over the rows of A with kernel :math:`L = AA^\\top/\\lambda`:
-    :math:`P(T) = \\det(L_T)/\\det(I + L)`, expected size :math:`d_\\lambda`.
+    r"""The L-ensemble DPP over the rows of A with kernel :math:`L = AA^\top/\lambda`:
+    :math:`P(T) = \det(L_T)/\det(I + L)`, expected size :math:`d_\lambda`.
 
-    Exact spectral sampler through the dual :math:`C = A^\\top A/\\lambda = V\\operatorname{diag}(\\mu)V^\\top`
+    Exact spectral sampler through the dual :math:`C = A^\top A/\lambda = V\operatorname{diag}(\mu)V^\top`
     (Hough et al.; Kulesza & Taskar, Alg. 1 in dual form): keep eigenvector j with probability
-    :math:`\\mu_j/(1+\\mu_j)`, form the orthonormal :math:`U = A V_S \\operatorname{diag}(1/\\sqrt{\\lambda\\mu_j})`,
+    :math:`\mu_j/(1+\mu_j)`, form the orthonormal :math:`U = A V_S \operatorname{diag}(1/\sqrt{\lambda\mu_j})`,
     then pick rows one by one with probability proportional to the squared row norms of U,
     projecting the chosen row's direction out of U after each pick. Cost O(nd² + d³) once,
     O(n k²) per sample.
@@ -196,7 +198,7 @@ class RidgeDPP:
 
     @staticmethod
     def from_factor(factor: Tensor, lam: float) -> "RidgeDPP":
-        """Eigendecompose :math:`A^\\top A/\\lambda` once; reuse for many samples."""
+        r"""Eigendecompose :math:`A^\top A/\lambda` once; reuse for many samples."""
         a = _check_factor(factor)
         lam = check_lam(lam)
         mu, v = torch.linalg.eigh(a.T @ a / lam)
@@ -204,7 +206,7 @@ class RidgeDPP:
 
     @property
     def expected_size(self) -> float:
-        """:math:`E|T| = \\sum_j \\mu_j/(1+\\mu_j) = d_\\lambda`."""
+        r""":math:`E|T| = \sum_j \mu_j/(1+\mu_j) = d_\lambda`."""
         return float((self.eigenvalues / (1 + self.eigenvalues)).sum())
 
     def sample(self, generator: torch.Generator) -> Tensor:
@@ -235,12 +237,12 @@ def surrogate_sketch(
     distribution: str = "uniform",
     dpp: RidgeDPP | None = None,
 ) -> RowSketch:
-    """Surrogate sketch of the Poissonized row sketch (Dereziński et al., NeurIPS'20).
+    r"""Surrogate sketch of the Poissonized row sketch (Dereziński et al., NeurIPS'20).
 
     Rows: K ~ Poisson(m - d_λ) i.i.d. indices from p (``distribution``: uniform or ridge
-    leverage), united with one :class:`RidgeDPP` draw T; every row scaled by :math:`1/\\sqrt{m p_i}`.
-    Use it with :math:`\\lambda' = \\lambda(1 - d_\\lambda/m)` and rescale the step by
-    :math:`(1 - d_\\lambda/m)` (see :func:`secondorder.newton.combine.scaled_regularization`).
+    leverage), united with one :class:`RidgeDPP` draw T; every row scaled by :math:`1/\sqrt{m p_i}`.
+    Use it with :math:`\lambda' = \lambda(1 - d_\lambda/m)` and rescale the step by
+    :math:`(1 - d_\lambda/m)` (see :func:`secondorder.newton.combine.scaled_regularization`).
     Pass a precomputed ``dpp`` (for the same A and lam) to amortize its eigendecomposition.
     """
     a = _check_factor(factor)

@@ -56,7 +56,7 @@ def _operator_reducer(distributed: bool | Reducer) -> Reducer:
 
 
 class CurvatureOperator(LinearOperator):
-    """Shared data-set accumulation for :class:`HessianOperator` and :class:`GGNOperator`.
+    r"""Shared data-set accumulation for :class:`HessianOperator` and :class:`GGNOperator`.
 
     Args:
         model: the network; called as ``model(inputs)`` (or ``model(**inputs)`` for a dict), in
@@ -79,7 +79,7 @@ class CurvatureOperator(LinearOperator):
         distributed: data-parallel over the ``torch.distributed`` group (``True``, or a
             :class:`~secondorder.distributed.reducer.Reducer`): ``data`` is this rank's
             shard, and every product, quadratic form, loss and gradient is the mean over *all*
-            ranks' samples, :math:`\\sum_r n_r C_r V / \\sum_r n_r`, by one all-reduce per call (all
+            ranks' samples, :math:`\sum_r n_r C_r V / \sum_r n_r`, by one all-reduce per call (all
             K probes, and the sample count, in one buffer). Every rank gets the same bits, so
             the algorithms (trace, diagonal, eigenvalues, density, solves, ``analyze``) run
             unchanged and in lockstep as long as every rank calls them with the same arguments
@@ -95,6 +95,7 @@ class CurvatureOperator(LinearOperator):
             with running statistics; train-mode dropout draws one fixed mask per batch, on CPU
             the same as ``"loop"``, on CUDA a different one). What each costs where:
             :mod:`secondorder.operators.products`.
+
     """
 
     backends: tuple[str, ...] = ("loop", "vmap")
@@ -179,7 +180,8 @@ class CurvatureOperator(LinearOperator):
     # ---- data-set accumulation -------------------------------------------------------------
     def _reduce(self, rows: Tensor, out: Tensor, make_sink: Callable, name_nonfinite: bool = False) -> Tensor:
         """``sum_b n_b * sink(C_b rows) / sum_b n_b`` into ``out`` (over all ranks' batches when
-        distributed); names the first non-finite batch."""
+        distributed); names the first non-finite batch.
+        """
 
         def visit(index: int, batch: Any, n: int) -> None:
             self._batch_product(batch, index, rows, make_sink(out, float(n)))

@@ -55,14 +55,15 @@ Sink = Callable[[int, list[Tensor], tuple], None]
 
 def _accumulate(
     V: Tensor,
-    params: list[Tensor],
+    params: Sequence[Tensor],
     chunk_size: int | None,
     vectorize: bool,
     differentiate: Callable[[list[Tensor], bool], tuple],
     sink: Sink,
 ) -> None:
     """Feed the probes chunk by chunk (one by one unless ``vectorize``) to ``differentiate``
-    (per-parameter cotangent pieces, is-last-chunk) -> per-parameter products, and on to ``sink``."""
+    (per-parameter cotangent pieces, is-last-chunk) -> per-parameter products, and on to ``sink``.
+    """
     chunks = V.split((chunk_size or V.shape[0]) if vectorize else 1)
     start = 0
     for i, chunk in enumerate(chunks):
@@ -71,7 +72,7 @@ def _accumulate(
         start += chunk.shape[0]
 
 
-def _batched_grad(outputs: list[Tensor], inputs: list[Tensor], cotangents: list[Tensor], retain: bool) -> tuple:
+def _batched_grad(outputs: list[Tensor], inputs: Sequence[Tensor], cotangents: list[Tensor], retain: bool) -> tuple:
     """``grad(outputs, inputs)`` for a leading batch of cotangents (no vmap for a batch of one)."""
     if cotangents[0].shape[0] == 1:
         grads = torch.autograd.grad(
@@ -93,7 +94,7 @@ def check_dense(grads: Sequence, params: Sequence[Tensor], where: str = "") -> N
             )
 
 
-def _differentiable_grads(outputs: Tensor, params: list[Tensor], cotangent: Tensor | None = None) -> tuple:
+def _differentiable_grads(outputs: Tensor, params: Sequence[Tensor], cotangent: Tensor | None = None) -> tuple:
     """First derivatives built with a graph to differentiate again, and the indices that have one."""
     grads = torch.autograd.grad(outputs, params, cotangent, create_graph=True, allow_unused=True)
     check_dense(grads, params)
@@ -102,7 +103,7 @@ def _differentiable_grads(outputs: Tensor, params: list[Tensor], cotangent: Tens
 
 def hessian_product(
     loss: Tensor,
-    params: list[Tensor],
+    params: Sequence[Tensor],
     V: Tensor,
     sink: Sink,
     chunk_size: int | None = None,
@@ -128,7 +129,7 @@ def hessian_product(
 def ggn_product(
     outputs: Tensor,
     loss_hessian: Callable[[Tensor], Tensor],
-    params: list[Tensor],
+    params: Sequence[Tensor],
     V: Tensor,
     sink: Sink,
     chunk_size: int | None = None,
@@ -166,7 +167,7 @@ def hessian_product_jvp(
     V: Tensor,
     sink: Sink,
     chunk_size: int | None = None,
-    check_loss: Callable[[Tensor], None] | None = None,
+    check_loss: Callable[[Tensor], object] | None = None,
 ) -> tuple:
     """Products ``H v_k`` by forward-over-reverse, for the rows of ``V``, into ``sink``.
 

@@ -20,7 +20,7 @@ The model is differentiated in the mode it is in (``model.training`` is never ch
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +84,8 @@ class EmpiricalRisk:
     # ---- the data set ------------------------------------------------------------------
     def for_each_batch(self, device: torch.device, visit: Callable[[int, Any, int], None]) -> int:
         """``visit(index, batch, n)`` for every batch on ``device`` with its seed in force and the
-        model's buffers and RNG restored afterwards; returns the number of samples seen here."""
+        model's buffers and RNG restored afterwards; returns the number of samples seen here.
+        """
         count = 0
         with untouched(self.model, device):
             for index, batch in seeded_batches(self.data, self.seed, device):
@@ -96,10 +97,11 @@ class EmpiricalRisk:
             raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
         return count
 
-    def loss_and_gradient(self, params: list[Tensor], reducer: Reducer,
+    def loss_and_gradient(self, params: Sequence[Tensor], reducer: Reducer,
                           gradient: bool = True) -> tuple[float, Tensor | None]:
         """The mean loss and (unless ``gradient=False``) its gradient w.r.t. ``params`` ``[P]``
-        (zero for parameters the loss does not depend on), summed over ``reducer``'s ranks."""
+        (zero for parameters the loss does not depend on), summed over ``reducer``'s ranks.
+        """
         device, dtype = params[0].device, params[0].dtype
         grad = torch.zeros(sum(p.numel() for p in params) if gradient else 0,
                            dtype=dtype if gradient else torch.float64, device=device)
@@ -116,9 +118,9 @@ class EmpiricalRisk:
 
         with torch.set_grad_enabled(gradient):
             count = self.for_each_batch(device, visit)
-        grad, (total, count) = reducer.sum_with_totals(grad, total, count, what="loss and gradient")
-        self.num_samples = round(count)
-        return total / count, (grad.div_(count) if gradient else None)
+        grad, (total, samples) = reducer.sum_with_totals(grad, total, count, what="loss and gradient")
+        self.num_samples = round(samples)
+        return total / samples, (grad.div_(samples) if gradient else None)
 
 
 def check_scalar(loss: Any, index: int) -> Tensor:

@@ -6,12 +6,14 @@ A sink receives, chunk by chunk, the probes' per-parameter pieces and their prod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from secondorder.operators.products import Sink
 
 
-def product_sink(out: Tensor, params: list[Tensor], weight: float) -> Sink:
+def product_sink(out: Tensor, params: Sequence[Tensor], weight: float) -> Sink:
     """``out[k] += weight * (C v_k)`` for ``out`` ``[K, P]`` (the inverse of ``split_rows``)."""
 
     def sink(start: int, pieces: list[Tensor], products: tuple) -> None:

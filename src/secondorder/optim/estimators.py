@@ -20,6 +20,7 @@ K-FAC factors, M-FAC gradient windows and sub-sampled Hessians implement the sam
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,7 +102,7 @@ class CurvatureEstimator:
         """The closure's output with its loss replaced (by the scaled loss)."""
         return loss
 
-    def estimate(self, out: object, params: list[Tensor], ctx: StepContext) -> Estimate:
+    def estimate(self, out: Any, params: list[Tensor], ctx: StepContext) -> Estimate:
         """Gradient and raw curvature of one micro-batch."""
         raise NotImplementedError
 
@@ -135,7 +136,7 @@ class HutchinsonRademacher(CurvatureEstimator):
                                device=gen.device) - 1).reshape(self.num_probes, -1) for p in params
         ], dim=1).to(params[0].device)
 
-    def estimate(self, out, params, ctx):
+    def estimate(self, out: Any, params: list[Tensor], ctx: StepContext) -> Estimate:
         raw = [torch.zeros(self.num_probes, *p.shape, dtype=p.dtype, device=p.device) for p in params]
 
         def sink(start: int, pieces: list[Tensor], products: tuple) -> None:
@@ -156,7 +157,7 @@ class HutchinsonRademacher(CurvatureEstimator):
 class HutchinsonGaussian(CurvatureEstimator):
     """One Gaussian probe ``u`` over all parameters: raw ``u * Hu`` per parameter."""
 
-    def estimate(self, out, params, ctx):
+    def estimate(self, out: Any, params: list[Tensor], ctx: StepContext) -> Estimate:
         P = sum(p.numel() for p in params)
         u = torch.randn(1, P, generator=ctx.generator, dtype=params[0].dtype,
                         device=ctx.generator.device).to(params[0].device)
@@ -193,7 +194,7 @@ class GaussNewtonBartlett(CurvatureEstimator):
     def unscale(self, raw: list, scale: float) -> list:
         return [g / scale for g in raw]
 
-    def estimate(self, out, params, ctx):
+    def estimate(self, out: Any, params: list[Tensor], ctx: StepContext) -> Estimate:
         loss = out[0]
         logits = out[1].reshape(-1, out[1].shape[-1])
         cdf = torch.softmax(logits.detach().double(), dim=-1).cpu().cumsum(-1)

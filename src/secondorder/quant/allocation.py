@@ -67,12 +67,12 @@ SensitivityTable = Mapping[str, Mapping[int, float]]
 
 @dataclass(frozen=True)
 class Allocation:
-    """One bit width per layer and what it costs.
+    r"""One bit width per layer and what it costs.
 
-    ``sensitivity`` is :math:`\\sum_i \\Omega_i(b_i)`; ``size_bits`` is :math:`\\sum_i n_i b_i`;
-    ``bops`` (when MACs were given) :math:`\\sum_i \\mathrm{MACs}_i b_i a_i(b_i)`; ``latency`` (when a
-    table was given) :math:`\\sum_i T_i(b_i)`; ``solver`` is ``"dp"``, ``"milp"`` or ``"brute-force"``;
-    ``num_weights`` is :math:`\\sum_i n_i`.
+    ``sensitivity`` is :math:`\sum_i \Omega_i(b_i)`; ``size_bits`` is :math:`\sum_i n_i b_i`;
+    ``bops`` (when MACs were given) :math:`\sum_i \mathrm{MACs}_i b_i a_i(b_i)`; ``latency`` (when a
+    table was given) :math:`\sum_i T_i(b_i)`; ``solver`` is ``"dp"``, ``"milp"`` or ``"brute-force"``;
+    ``num_weights`` is :math:`\sum_i n_i`.
     """
 
     bits: dict[str, int]

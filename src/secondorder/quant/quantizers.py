@@ -142,6 +142,7 @@ def symmetric_scale(w: Tensor, bits: int, granularity: str = "channel", group_si
 
     A slice whose maximum is 0 gets scale 1, so it quantizes to exactly 0 (never nan). The scale
     is detached: it is a constant of the quantizer, not a function the gradient flows through.
+
     """
     _check_floating(w, "w")
     bits = validation.bit_width(bits, "bits (symmetric weight quantization)", 2, MAX_BITS)
@@ -241,6 +242,7 @@ class ActivationQuantizer(nn.Module):
 
     Buffers ``running_min``, ``running_max`` (float32 until the module is converted) and
     ``initialized`` (bool) carry the range through ``state_dict``.
+
     """
 
     running_min: Tensor
@@ -327,6 +329,7 @@ class QuantizedLayer(nn.Module):
     The wrapper starts in the wrapped module's train/eval mode. Modules whose parent reads
     ``child.weight`` directly instead of calling the child (e.g. ``nn.MultiheadAttention.out_proj``)
     cannot be wrapped usefully.
+
     """
 
     def __init__(self, module: nn.Module, weight_bits: int | None, act_bits: int | None = None,
@@ -445,12 +448,14 @@ def wrap_layers(model: nn.Module, bits: Mapping[str, int | None], act_bits: Mapp
         act_bits: ``{layer name: input-activation bits or None}``, names a subset of ``bits``'s;
             layers not named get no activation quantization (HAWQ-V3 sets a layer's activation bits
             to its weight bits: pass the same dict twice).
-        granularity, group_size: as for :func:`symmetric_scale`, for every wrapped layer.
+        granularity: as for :func:`symmetric_scale`, for every wrapped layer.
+        group_size: as for :func:`symmetric_scale`, for every wrapped layer.
         inplace: wrap ``model`` itself.
 
     A layer that is already a QuantizedLayer is reconfigured (new bits and granularity, its
     activation range kept), never nested. All names and settings are validated before anything is
     replaced, so a ``ValueError`` leaves the model as it was. Use the returned module.
+
     """
     act_bits = {} if act_bits is None else act_bits
     _check_names(model, bits, act_bits)

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
-from torch import nn
+from torch import Tensor, nn
 
 from secondorder import validation
 from secondorder.data import as_batches
@@ -97,7 +97,8 @@ def _bit_widths(bits: Sequence[int]) -> tuple[int, ...]:
 
 def _operator(model, loss_fn, data, chosen, seed, operator_kwargs) -> HessianOperator:
     """The Hessian restricted to the chosen layers' weights, one block per weight (found by identity,
-    so a layer already wrapped for quantization works too)."""
+    so a layer already wrapped for quantization works too).
+    """
     names = {id(p): name for name, p in model.named_parameters()}
     return HessianOperator(model, loss_fn, data, [names[id(m.weight)] for _, m in chosen], blocks="parameter",
                            seed=seed, **operator_kwargs)
@@ -131,7 +132,7 @@ def layer_sensitivities(
     tops = block_eigenvalues(op, 1, seed=seed)
     out = []
     for (name, module), block in zip(chosen, tr.blocks):
-        w = module.weight.detach()
+        w = cast(Tensor, module.weight).detach()
         top = tops[block.name]
         errors = {b: quantization_error(w, b, granularity, group_size) for b in bits}
         out.append(LayerSensitivity(name, w.numel(), block.value, block.stderr, float(top.eigenvalues[0]),

@@ -41,6 +41,7 @@ class BatchSizeDecision:
         reason: ``"eigenvalue"`` (it fell by ``ratio``), ``"patience"`` (forced after
             ``patience`` epochs without growth) or ``""``.
         needs_eigenvalue: whether the controller wants an eigenvalue at the end of the next epoch.
+
     """
 
     epoch: int
@@ -114,6 +115,7 @@ class AdaptiveBatchSize:
         max_lr: cap of the linearly scaled learning rate (``None``: no cap, as in ABS).
         warmup_epochs: linear warm-up of the learning rate over the first epochs (0: none).
         adaptive: ``False`` for a fixed batch size.
+
     """
 
     def __init__(

@@ -63,6 +63,7 @@ class EpochRecord:
         steps: optimizer steps in this epoch.
         iterations: optimizer steps since the start of training.
         batch_increase: why the batch grows after this epoch: ``"eigenvalue"``, ``"patience"`` or ``""``.
+
     """
 
     epoch: int
@@ -204,6 +205,7 @@ class AdaptiveBatchTrainer:
             need it (for the schedule figure); ``False`` measures only when needed.
         seed: seeds the data order, the eigenvalue batches and the per-epoch dropout RNG.
         progress: a progress bar of the epochs on stderr.
+
     """
 
     def __init__(
