@@ -70,7 +70,7 @@ def trace_coverage(A, m, method, seeds):
     cover = sum(lo <= exact <= hi for lo, hi in (r.confidence_interval(0.95) for r in rs)) / seeds
     former = sum(abs(r.value - exact) <= student_t.ppf(0.975, r.dof) * r.stderr for r in rs) / seeds
     ratio = float(err.pow(2).mean().sqrt() / se.pow(2).mean().sqrt())
-    return cover, ratio, former / seeds if method != "xtrace" else float("nan")
+    return cover, ratio, former if method != "xtrace" else float("nan")
 
 
 def diagonal_coverage(A, m, method, seeds):

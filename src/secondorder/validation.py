@@ -18,7 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "bit_width", "non_negative", "non_negative_int", "one_of", "optional_positive_int", "positive",
-    "positive_int", "scalar_loss",
+    "positive_finite", "positive_int", "scalar_loss",
 ]
 
 T = TypeVar("T")
@@ -53,6 +53,13 @@ def positive(value: Any, name: str) -> float:
     """A real number > 0 (NaN refused); ``math.inf`` is allowed."""
     if not isinstance(value, Real) or isinstance(value, bool) or not float(value) > 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+    return float(value)
+
+
+def positive_finite(value: Any, name: str) -> float:
+    """A finite real number > 0."""
+    if not isinstance(value, Real) or isinstance(value, bool) or not 0 < float(value) < float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 

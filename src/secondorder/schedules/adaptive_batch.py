@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
-from secondorder.validation import non_negative_int, positive_int
+from secondorder.validation import non_negative_int, positive_finite, positive_int
 
 __all__ = ["AdaptiveBatchSize", "BatchSizeDecision"]
 
@@ -53,12 +53,6 @@ class BatchSizeDecision:
     increased: bool
     reason: str
     needs_eigenvalue: bool
-
-
-def _positive_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 class AdaptiveBatchSize:
@@ -140,8 +134,8 @@ class AdaptiveBatchSize:
         if max_batch_size < base_batch_size:
             raise ValueError(f"max_batch_size ({max_batch_size}) must be >= base_batch_size ({base_batch_size}); "
                              "pass max_batch_size=base_batch_size for a fixed batch")
-        base_lr = _positive_float("base_lr", base_lr)
-        if _positive_float("ratio", ratio) <= 1:
+        base_lr = positive_finite(base_lr, "base_lr")
+        if positive_finite(ratio, "ratio") <= 1:
             raise ValueError(f"ratio must exceed 1 (the eigenvalue must fall by this factor), got {ratio!r}")
         if positive_int(growth, "growth") < 2:
             raise ValueError(f"growth must be an integer >= 2 (the batch multiplier per increase), got {growth!r}")
@@ -158,7 +152,7 @@ class AdaptiveBatchSize:
         if not 0 < lr_decay <= 1:
             raise ValueError(f"lr_decay must lie in (0, 1], got {lr_decay!r}")
         if max_lr is not None:
-            _positive_float("max_lr", max_lr)
+            positive_finite(max_lr, "max_lr")
         non_negative_int(warmup_epochs, "warmup_epochs")
         self.base_batch_size, self.base_lr, self.max_batch_size = base_batch_size, base_lr, max_batch_size
         self.ratio, self.growth, self.patience = float(ratio), growth, patience
