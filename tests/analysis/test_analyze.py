@@ -110,3 +110,19 @@ def test_bad_arguments(kwargs, match):
     model, data = tiny_problem()
     with pytest.raises(ValueError, match=match):
         analyze(model, F.cross_entropy, data, **kwargs)
+
+
+def test_a_report_in_the_former_layout_still_loads():
+    """summary.json files written before the linalg results were embedded ('values', 'ci95')."""
+    import json
+    from pathlib import Path
+
+    old = json.loads((Path(__file__).parent / "data" / "analysis_former_layout.json").read_text())
+    a = HessianAnalysis.from_dict(old)
+    assert a.top.eigenvalues.tolist() == old["top"]["values"] and a.top.converged.tolist() == old["top"]["converged"]
+    assert a.bottom.residuals.tolist() == old["bottom"]["residuals"]
+    assert a.density.nodes.tolist() == old["density"]["nodes"] and a.density.dimension == old["density"]["dimension"]
+    assert a.trace.value == old["trace"]["value"] and [b.value for b in a.trace.blocks] == [x["trace"] for x in old["layers"]]
+    low, high = a.trace.confidence_interval()
+    assert low < a.trace.value < high
+    assert HessianAnalysis.from_json(a.to_json()) == a

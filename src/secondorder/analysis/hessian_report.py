@@ -29,7 +29,7 @@ import torch
 
 from secondorder.analysis.landscape import Landscape1D, Landscape2D, landscape_1d, landscape_2d, random_directions
 from secondorder.linalg import block_eigenvalues, eigenvalues, spectral_density, trace
-from secondorder.linalg.results import EigenResult, Serializable, SpectralDensityResult, TraceResult
+from secondorder.linalg.results import EigenResult, Serializable, SpectralDensityResult, TraceResult, jsonable
 from secondorder.operators.curvature import GGNOperator, HessianOperator
 from secondorder.validation import non_negative_int, positive_int
 
@@ -75,6 +75,13 @@ class HessianAnalysis(Serializable):
     seconds: float
     num_matvecs: int
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "HessianAnalysis":
+        """The analysis :meth:`to_dict` gave ``d``; also reads the former layout (before the
+        linear-algebra results were embedded), so saved ``summary.json`` files keep loading.
+        """
+        return super().from_dict(_upgraded(d) if "values" in d["top"] else d)
+
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_dict` as JSON text (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
@@ -92,6 +99,37 @@ class HessianAnalysis(Serializable):
     def load(cls, path: str | Path) -> "HessianAnalysis":
         """The analysis :meth:`save` wrote to ``path``."""
         return cls.from_json(Path(path).read_text())
+
+
+def _tensor(values: Any, dtype: str = "float64") -> dict:
+    flat = torch.tensor(values, dtype=getattr(torch, dtype))
+    return jsonable(flat)
+
+
+def _upgraded(d: dict) -> dict:
+    """A former-layout analysis dict in the current layout: traces, eigenvalues and density as
+    the linear-algebra results (the former trace kept no samples, so its interval becomes
+    Student-t; Hutch++'s degrees of freedom follow from its products).
+    """
+    t = d["trace"]
+    m = t["num_matvecs"]
+    dof = {"hutch++": m - 2 * (m // 3) - 1, "xtrace": m // 2 - 1}.get(t["method"], m - 1)
+    blocks = [{"name": x["name"], "size": x["size"], "value": x["trace"], "stderr": x["trace_stderr"]}
+              for x in d["layers"]]
+    trace = {"value": t["value"], "stderr": t["stderr"], "num_matvecs": m, "method": t["method"], "dof": dof,
+             "blocks": blocks}
+
+    def eigen(e: dict | None) -> dict | None:
+        if e is None:
+            return None
+        k = len(e["values"])
+        return {"eigenvalues": _tensor(e["values"]), "eigenvectors": jsonable(torch.zeros(0, k, dtype=torch.float64)),
+                "residuals": _tensor(e["residuals"]), "converged": _tensor(e["converged"], "bool"),
+                "num_matvecs": e["num_matvecs"], "num_restarts": 0, "which": e["which"], "method": "lanczos",
+                "residual_history": e["residual_history"]}
+
+    density = {**d["density"], "nodes": _tensor(d["density"]["nodes"]), "weights": _tensor(d["density"]["weights"])}
+    return {**d, "trace": trace, "top": eigen(d["top"]), "bottom": eigen(d["bottom"]), "density": density}
 
 
 def _without_vectors(result: EigenResult) -> EigenResult:
