@@ -355,17 +355,21 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
         out = super().state_dict()
-        out["second_order"] = {"num_steps": self.num_steps, "num_curvature_steps": self.num_curvature_steps,
+        out["second_order"] = {"optimizer": type(self).__name__, "num_steps": self.num_steps,
+                               "num_curvature_steps": self.num_curvature_steps,
                                "num_good_steps": self.num_good_steps, "generator": self.generator.get_state()}
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by :meth:`state_dict`; states saved before per-parameter counters
-        existed get them from the optimizer's counters.
+        """Load a state saved by :meth:`state_dict`, after checking that it fits; states saved
+        before per-parameter counters existed get them from the optimizer's counters.
+
+        Checked before anything changes (``ValueError`` naming what does not fit): the optimizer
+        that wrote it (states written before it was recorded: by their buffers), the
+        hyperparameter names of every group, and every saved buffer's shape and dtype against its
+        parameter's, the counters and the generator state.
         """
-        extra = state_dict.get("second_order")
-        if extra is None:
-            raise ValueError(f"not a {type(self).__name__} state_dict (no 'second_order' entry)")
+        extra = self._checked_state(state_dict)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "second_order"})
         self.num_steps, self.num_curvature_steps = extra["num_steps"], extra["num_curvature_steps"]
         self.num_good_steps = extra["num_good_steps"]
@@ -374,3 +378,57 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             if state and "step" not in state:
                 state["step"], state["curvature_step"] = self.num_steps, self.num_curvature_steps
         self._agreed_world = None  # the ranks must agree on the loaded state
+
+    def _checked_state(self, state_dict: Any) -> dict:
+        """The ``second_order`` entry of ``state_dict`` if the whole state fits this optimizer."""
+        name = type(self).__name__
+        extra = state_dict.get("second_order") if isinstance(state_dict, dict) else None
+        if not isinstance(extra, dict):
+            raise ValueError(f"not a {name} state_dict (no 'second_order' entry)")
+        writer = extra.get("optimizer", name)
+        if writer != name:
+            raise ValueError(f"this state_dict was saved by {writer}, not {name}: load it into a {writer}")
+        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
+        if len(groups) != len(saved_groups):
+            raise ValueError(f"the state_dict has {len(saved_groups)} parameter groups, this {name} has {len(groups)}")
+        params: dict[Any, tuple[str, Tensor]] = {}
+        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
+            want, got = set(group) - {"params"}, set(saved) - {"params"}
+            if want != got:
+                raise ValueError(f"parameter group {g} of the state_dict has the hyperparameters {sorted(got)}, "
+                                 f"{name} has {sorted(want)}: it was saved by another optimizer or version")
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(f"parameter group {g} of the state_dict has {len(saved['params'])} parameters, "
+                                 f"this {name}'s has {len(group['params'])}: it was saved on another model")
+            params.update({key: (f"parameter {i} of group {g}", p)
+                           for i, (key, p) in enumerate(zip(saved["params"], group["params"]))})
+        for key, state in state_dict.get("state", {}).items():
+            if state and key in params:
+                self._check_param_state(*params[key], state)
+        self._check_counters(extra)
+        return extra
+
+    def _check_param_state(self, where: str, p: Tensor, state: dict) -> None:
+        """One parameter's saved state: every buffer present, of the parameter's shape and dtype."""
+        for buffer in ("exp_avg", *self.buffers):
+            value = state.get(buffer)
+            if not isinstance(value, Tensor):
+                raise ValueError(f"the state of {where} has no {buffer!r} buffer (it holds {sorted(state)}): "
+                                 f"it was not saved by {type(self).__name__}")
+            if value.shape != p.shape or value.dtype != p.dtype:
+                raise ValueError(
+                    f"the {buffer!r} buffer of {where} is {str(value.dtype).removeprefix('torch.')} "
+                    f"{list(value.shape)}, the parameter is {str(p.dtype).removeprefix('torch.')} {list(p.shape)}: "
+                    "the state was saved on another model (or in another dtype: cast the model as it was saved, "
+                    "load, then cast model and optimizer together)")
+
+    def _check_counters(self, extra: dict) -> None:
+        """The step counters are non-negative integers and the generator state fits the generator."""
+        for counter in ("num_steps", "num_curvature_steps", "num_good_steps"):
+            validation.non_negative_int(extra.get(counter), f"the state_dict's {counter}")
+        scratch = torch.Generator(device=self.generator.device)
+        try:
+            scratch.set_state(extra.get("generator"))  # type: ignore[arg-type]  # checked here
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"the state_dict's generator state does not fit a {self.generator.device.type} "
+                             f"generator ({err})") from err
