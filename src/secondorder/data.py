@@ -52,6 +52,17 @@ def first_tensor(obj: Any) -> Tensor | None:
     return None
 
 
+def shapes(obj: Any) -> tuple:
+    """The shapes of a batch's tensors, depth-first (what must not change between passes)."""
+    if isinstance(obj, Tensor):
+        return (tuple(obj.shape),)
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return tuple(s for item in obj for s in shapes(item))
+    return ()
+
+
 def batch_size(batch: Any, batch_size_fn: Callable[[Any], int] | None) -> int:
     """The number of samples in a batch: ``batch_size_fn(batch)`` or the first tensor's leading size."""
     if batch_size_fn is not None:

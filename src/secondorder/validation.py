@@ -18,7 +18,7 @@ from torch import Tensor
 
 __all__ = [
     "bit_width", "non_negative", "non_negative_int", "one_of", "optional_positive_int", "positive",
-    "positive_finite", "positive_int", "scalar_loss",
+    "positive_finite", "positive_int", "scalar_loss", "seed", "tolerance",
 ]
 
 T = TypeVar("T")
@@ -32,6 +32,23 @@ def positive_int(value: Any, name: str) -> int:
     """``value`` as an ``int`` >= 1 (``bool`` is refused)."""
     if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+MAX_SEED = 2**62
+
+
+def seed(value: Any, name: str = "seed") -> int:
+    """An integer seed in ``0 .. 2**62`` (``torch.Generator.manual_seed`` takes up to ``2**64 - 1``;
+    the margin leaves room for per-batch and per-rank offsets such as ``seed + index``).
+
+    >>> seed(2**70)
+    Traceback (most recent call last):
+        ...
+    ValueError: seed must be an integer in 0..2**62, got 1180591620717411303424
+    """
+    if not _is_int(value) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in 0..2**62, got {value!r}")
     return int(value)
 
 
@@ -60,6 +77,21 @@ def positive_finite(value: Any, name: str) -> float:
     """A finite real number > 0."""
     if not isinstance(value, Real) or isinstance(value, bool) or not 0 < float(value) < float("inf"):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def tolerance(value: Any, name: str = "tol") -> float:
+    """A relative tolerance: finite, positive and below 1 (every algorithm's one check).
+
+    ``inf`` (or anything >= 1) would certify any iterate at once and ``nan`` none ever.
+
+    >>> tolerance(float("inf"))
+    Traceback (most recent call last):
+        ...
+    ValueError: tol must be a relative tolerance, a finite number with 0 < tol < 1; got inf
+    """
+    if not isinstance(value, Real) or isinstance(value, bool) or not 0 < float(value) < 1:
+        raise ValueError(f"{name} must be a relative tolerance, a finite number with 0 < {name} < 1; got {value!r}")
     return float(value)
 
 

@@ -186,7 +186,7 @@ def test_bad_input(matrices):
         secondorder.eigenvalues(A, k=2, which="biggest")
     with pytest.raises(ValueError, match="method must be"):
         secondorder.eigenvalues(A, k=2, method="arnoldi")
-    with pytest.raises(ValueError, match="tol must be positive"):
+    with pytest.raises(ValueError, match="tol must be a relative tolerance"):
         secondorder.eigenvalues(A, k=2, tol=0.0)
     with pytest.raises(ValueError, match="max_matvecs must be a positive integer"):
         secondorder.eigenvalues(A, k=2, max_matvecs=0)

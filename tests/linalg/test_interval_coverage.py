@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import secondorder
-from secondorder.linalg.probes import as_operator
 from secondorder.linalg.sketch import leave_one_out_sketch
+from secondorder.operators.base import as_operator
 
 trace_module = importlib.import_module("secondorder.linalg.trace")
 diagonal_module = importlib.import_module("secondorder.linalg.diagonal")

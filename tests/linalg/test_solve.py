@@ -151,7 +151,7 @@ def test_shape_and_argument_errors(spd):
     b = torch.ones(N, dtype=torch.float64)
     with pytest.raises(ValueError, match="method must be 'cg' or 'minres'"):
         secondorder.solve(A, b, method="gmres")
-    with pytest.raises(ValueError, match="tol must be positive"):
+    with pytest.raises(ValueError, match="tol must be a relative tolerance"):
         secondorder.solve(A, b, tol=0.0)
     with pytest.raises(ValueError, match="maxiter must be a positive integer"):
         secondorder.solve(A, b, maxiter=0)

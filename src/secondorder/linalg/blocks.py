@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from secondorder.linalg.eigen import Problem, lockstep
+from secondorder.linalg.eigen import Problem, checked_tol, lockstep
 from secondorder.linalg.probes import Seed, make_generator
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import EigenResult
-from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.operators.base import LinearOperator, working_operator
 
 
 def block_eigenvalues(
@@ -42,10 +42,11 @@ def block_eigenvalues(
     ``tol``, ``method``, ``max_matvecs``, ``ncv`` and ``block_size`` (budgets per block), each from
     its own generator of ``seed``, all in lockstep: one product of ``A`` per round.
     """
-    A = as_operator(A)
+    A = working_operator(A)
+    checked_tol(tol, A.product_dtype)  # also where every block is small enough to be solved densely
     problems = [
-        Problem.small(b.size, k, which, A.dtype) if b.size <= max(2 * k + 10, 20)
-        else Problem.checked(b.size, k, which, tol, method, max_matvecs, ncv, block_size, A.dtype)
+        Problem.small(b.size, k, which, A.product_dtype) if b.size <= max(2 * k + 10, 20)
+        else Problem.checked(b.size, k, which, tol, method, max_matvecs, ncv, block_size, A.product_dtype)
         for b in A.blocks
     ]
     total = sum(p.max_matvecs for p in problems)

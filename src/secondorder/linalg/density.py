@@ -17,7 +17,7 @@ from torch import Tensor
 from secondorder.linalg.probes import Seed, make_generator, rademacher
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SpectralDensityResult
-from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.operators.base import LinearOperator, working_operator
 from secondorder.validation import positive_int
 
 
@@ -43,7 +43,7 @@ def spectral_density(
         :class:`SpectralDensityResult` with real ``nodes`` and ``weights`` (rows sum to 1).
 
     """
-    A = as_operator(A)
+    A = working_operator(A)
     positive_int(num_probes, "num_probes")
     positive_int(num_steps, "num_steps")
     P = A.shape[0]

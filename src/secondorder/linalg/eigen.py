@@ -34,8 +34,8 @@ from torch import Tensor
 from secondorder.linalg.probes import Seed, make_generator
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import EigenResult
-from secondorder.operators.base import LinearOperator, as_operator
-from secondorder.validation import positive, positive_int
+from secondorder.operators.base import LOW_PRECISION, LinearOperator, working_operator
+from secondorder.validation import positive_int, tolerance
 
 _WHICH = ("largest", "smallest", "magnitude")
 
@@ -55,7 +55,38 @@ def _orthogonalize(w: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _default_tol(dtype: torch.dtype) -> float:
+    """1e-10 for float64 products, 1e-5 for float32, 8 unit roundoffs for float16/bfloat16 (0.0078, 0.0625)."""
+    if dtype in LOW_PRECISION:
+        return 8 * torch.finfo(dtype).eps
     return 1e-10 if dtype == torch.float64 else 1e-5
+
+
+def checked_tol(tol: float | None, dtype: torch.dtype) -> float:
+    """``tol``, or the default of products in ``dtype``; a tolerance below their unit roundoff is refused."""
+    if tol is None:
+        return _default_tol(dtype)
+    tol, eps = tolerance(tol), torch.finfo(dtype).eps
+    if tol < eps:
+        raise ValueError(f"tol={tol:g} is below what {str(dtype).removeprefix('torch.')} products resolve (unit "
+                         f"roundoff {eps:.2g}): no residual could certify it; pass tol >= {eps:.2g} or compute "
+                         "in a wider dtype")
+    return tol
+
+
+def _verified(solver: Solver, tol: float) -> Solver:
+    """``solver``, its pairs then checked by explicit products ``A Y`` (``k`` more).
+
+    For products rounded to float16/bfloat16 the recurrence's residuals describe the rounded
+    products, not ``A``: they fall below the rounding error itself (they reached 0 in bfloat16).
+    The explicit residual ``||A y - theta y||`` carries that error, so it is what is reported
+    (the larger of the two) and what certifies convergence.
+    """
+    run = yield from solver
+    Y = run.eigenvectors
+    AY = yield Y
+    explicit = (AY - Y * run.eigenvalues.to(dtype=Y.dtype, device=Y.device)).norm(dim=0).double().cpu()
+    return replace(run, residuals=torch.maximum(run.residuals.double().cpu(), explicit),
+                   converged=run.converged & (explicit <= tol * run.norm), num_matvecs=run.num_matvecs + Y.shape[1])
 
 
 @dataclass(frozen=True)
@@ -292,39 +323,43 @@ class Problem:
     max_matvecs: int
     ncv: int | None
     block_size: int
+    verify: bool = False
+    """Whether the products are float16/bfloat16, so that convergence is checked by :func:`_verified`."""
 
     @classmethod
     def checked(cls, p: int, k: int, which: str, tol: float | None, method: str, max_matvecs: int | None,
                 ncv: int | None, block_size: int | None, dtype: torch.dtype) -> Problem:
-        """Validate the arguments of :func:`eigenvalues` and fill in the defaults."""
+        """Validate the arguments of :func:`eigenvalues` and fill in the defaults (``dtype``: the products')."""
         if which not in _WHICH:
             raise ValueError(f"which must be one of {_WHICH}, got {which!r}")
         if not isinstance(k, int) or not 1 <= k < p:
             raise ValueError(f"k must be an integer with 1 <= k < P = {p}, got {k!r}; for all eigenvalues use torch.linalg.eigvalsh on A.to_dense()")
         if method not in ("lanczos", "power"):
             raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
-        tol = _default_tol(dtype) if tol is None else positive(tol, "tol")
+        tol = checked_tol(tol, dtype)
         max_matvecs = max(500, 50 * k) if max_matvecs is None else positive_int(max_matvecs, "max_matvecs")
         block_size = default_block_size(k, ncv, method) if block_size is None else block_size
         if not isinstance(block_size, int) or not 1 <= block_size <= k:
             raise ValueError(f"block_size must be an integer with 1 <= block_size <= k = {k}, got {block_size!r}")
         if method == "power" and block_size != k:
             raise ValueError(f"the power method iterates a block of k = {k} vectors; got block_size={block_size}")
-        return cls(p, k, which, tol, method, max_matvecs, ncv, block_size)
+        return cls(p, k, which, tol, method, max_matvecs, ncv, block_size, dtype in LOW_PRECISION)
 
     @classmethod
     def small(cls, p: int, k: int, which: str, dtype: torch.dtype) -> Problem:
         """A block solved densely: every eigenpair, so every copy (``block_size = p``)."""
-        return cls(p, min(k, p), which, _default_tol(dtype), "dense", p, None, p)
+        return cls(p, min(k, p), which, _default_tol(dtype), "dense", p, None, p, dtype in LOW_PRECISION)
 
     def solver(self, gen, dtype: torch.dtype, device) -> Solver:
-        """A fresh solver of ``method`` drawing its start from ``gen``."""
+        """A fresh solver of ``method`` drawing its start from ``gen`` (``dtype``: the working one)."""
         if self.method == "dense":
-            return dense(self.p, self.k, self.which, dtype, device)
-        if self.method == "lanczos":
-            return lanczos(self.p, self.k, self.which, self.tol, self.max_matvecs, self.ncv, self.block_size, gen,
-                           dtype, device)
-        return power(self.p, self.k, self.which, self.tol, self.max_matvecs, gen, dtype, device)
+            solver = dense(self.p, self.k, self.which, dtype, device)
+        elif self.method == "lanczos":
+            solver = lanczos(self.p, self.k, self.which, self.tol, self.max_matvecs, self.ncv, self.block_size, gen,
+                             dtype, device)
+        else:
+            solver = power(self.p, self.k, self.which, self.tol, self.max_matvecs, gen, dtype, device)
+        return _verified(solver, self.tol) if self.verify else solver
 
     def result(self, run: _Run, dtype: torch.dtype) -> EigenResult:
         """The EigenResult of ``run``: ``converged`` where the residual passed and the rank is certified."""
@@ -354,8 +389,11 @@ def eigenvalues(
         A: a symmetric operator or dense tensor.
         k: number of eigenpairs, ``1 <= k < P``.
         which: ``"largest"`` / ``"smallest"`` (algebraic) or ``"magnitude"``.
-        tol: relative residual tolerance, ``||Av - theta v|| <= tol * ||A||`` (default 1e-10 in
-            float64, 1e-5 otherwise: eigenvalue errors are about ``residual^2 / gap``).
+        tol: relative residual tolerance, ``||Av - theta v|| <= tol * ||A||``, finite, below 1 and
+            not below the products' unit roundoff (default 1e-10 in float64, 1e-5 in float32, 8 unit
+            roundoffs in float16/bfloat16: eigenvalue errors are about ``residual^2 / gap``).
+            float16/bfloat16 operators: products run in their dtype, the recurrence in float32,
+            and the final pairs are checked by explicit products (``k`` more; see :func:`_verified`).
         method: ``"lanczos"`` (thick restart) or ``"power"`` (block power iteration).
         max_matvecs: budget (default ``max(500, 50 k)``); unconverged pairs have ``converged=False``.
         ncv: Lanczos basis size (default ``max(2k + 10, 20) + 8 (block_size - 1)``, capped at P).
@@ -370,9 +408,9 @@ def eigenvalues(
         ranked after a value found ``b`` times have ``converged=False`` (further copies may exist).
 
     """
-    A = as_operator(A)
+    A = working_operator(A)
     P = A.shape[0]
-    problem = Problem.checked(P, k, which, tol, method, max_matvecs, ncv, block_size, A.dtype)
+    problem = Problem.checked(P, k, which, tol, method, max_matvecs, ncv, block_size, A.product_dtype)
     gen = make_generator(seed, A)
     with ticking(A, progress, problem.max_matvecs, f"eigenvalues ({method})") as op, torch.no_grad():
         (run,) = lockstep(op, [(slice(0, P), problem.solver(gen, A.dtype, A.device))])

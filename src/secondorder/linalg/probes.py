@@ -10,7 +10,7 @@ from torch import Tensor
 
 from secondorder import validation
 from secondorder.linalg.progress import ticking
-from secondorder.operators.base import LinearOperator, as_operator
+from secondorder.operators.base import LinearOperator, working_operator
 
 Seed = int | torch.Generator | None
 
@@ -24,8 +24,8 @@ def make_generator(seed: Seed, A: LinearOperator) -> torch.Generator:
     gen = torch.Generator(device=A.device)
     if seed is None:
         gen.manual_seed(A.reducer.shared_seed(A.device))
-    elif isinstance(seed, int):
-        gen.manual_seed(seed)
+    elif isinstance(seed, int) and not isinstance(seed, bool):
+        gen.manual_seed(validation.seed(seed))
     else:
         raise TypeError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
     return gen
@@ -75,7 +75,7 @@ def run_estimator(
 
     Returns the operator, the estimator's output and the number of products it spent.
     """
-    A = as_operator(A)
+    A = working_operator(A)
     if method not in methods:
         raise ValueError(f"unknown {what} method {method!r}; choose one of {sorted(methods)}")
     estimator, minimum = methods[method]

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SolveResult
-from secondorder.operators.base import LinearOperator, as_operator
-from secondorder.validation import positive, positive_int
+from secondorder.operators.base import LinearOperator, working_operator
+from secondorder.validation import positive_int, tolerance
 
 
 def _damped(A: LinearOperator, damping: float, V: Tensor) -> Tensor:
@@ -122,14 +122,14 @@ def solve(
         :class:`SolveResult` with ``solution`` shaped like ``b``.
 
     """
-    A = as_operator(A)
+    A = working_operator(A)
     P = A.shape[0]
     if not isinstance(b, Tensor) or b.ndim not in (1, 2) or b.shape[0] != P:
         shape = list(b.shape) if isinstance(b, Tensor) else type(b).__name__
         raise ValueError(f"b must be [{P}] or [{P}, K] to match the operator, got {shape}")
     if method not in ("cg", "minres"):
         raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
-    positive(tol, "tol")
+    tolerance(tol)
     maxiter = 10 * P if maxiter is None else positive_int(maxiter, "maxiter")
     B = (b if b.ndim == 2 else b.unsqueeze(1)).to(A.dtype)
     with ticking(A, progress, maxiter * B.shape[1], f"solve ({method})") as op, torch.no_grad():

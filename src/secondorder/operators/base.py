@@ -54,6 +54,11 @@ class LinearOperator:
     """How the operator's products are reduced: :data:`~secondorder.distributed.reducer.LOCAL`, or over
     the ranks for a data-parallel operator; algorithms draw ``seed=None`` probes from its shared seed."""
 
+    @property
+    def product_dtype(self) -> torch.dtype:
+        """The dtype the products are computed in (``dtype`` unless promoted, see :func:`working_operator`)."""
+        return self.dtype
+
     def _matmat(self, V: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -243,6 +248,37 @@ class SubmatrixOperator(LinearOperator):
         full = torch.zeros(V.shape[1], self.op.shape[0], dtype=V.dtype, device=V.device)
         full[:, self.span.start : self.span.stop] = V.T
         return (self.op @ full.T)[self.span.start : self.span.stop]
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class PromotedOperator(LinearOperator):
+    """A float16/bfloat16 operator seen in float32: each product runs in the operator's own dtype
+    (its input rounded to it) and comes back as float32, so everything around it (orthogonalization,
+    QR, small eigendecompositions, sums over coordinates) runs in float32, which torch's CPU
+    kernels support and whose rounding does not swamp the products' own.
+    """
+
+    def __init__(self, op: LinearOperator):
+        self.op = op
+        self.shape, self.device, self.blocks, self.reducer = op.shape, op.device, op.blocks, op.reducer
+        self.dtype = torch.float32
+
+    @property
+    def product_dtype(self) -> torch.dtype:
+        return self.op.product_dtype
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return (self.op @ V.to(self.op.dtype)).to(self.dtype)
+
+
+def working_operator(A: LinearOperator | Tensor) -> LinearOperator:
+    """``A`` as the algorithms work on it: :func:`as_operator`, promoted to float32 when its
+    products are float16 or bfloat16 (:class:`PromotedOperator`).
+    """
+    A = as_operator(A)
+    return PromotedOperator(A) if A.dtype in LOW_PRECISION else A
 
 
 def as_operator(A: LinearOperator | Tensor) -> LinearOperator:

@@ -205,7 +205,7 @@ class CurvatureOperator(LinearOperator):
         return self.risk.loss_and_gradient(self.params, self.reducer, gradient)
 
     def _matmat(self, V: Tensor) -> Tensor:
-        rows = V.T.contiguous()  # probes as rows; free when V is column-major, as our probes are
+        rows = _finite_rows(V.T.contiguous())  # probes as rows; free when V is column-major, as our probes are
         out = torch.zeros_like(rows)
         return self._reduce(rows, out, lambda acc, w: product_sink(acc, self.params, w)).T
 
@@ -215,11 +215,23 @@ class CurvatureOperator(LinearOperator):
         ``V`` may be int8 signs (converted one chunk at a time), so a chunk of probes costs a
         quarter of float32's memory and no block of products is ever stored.
         """
-        rows = self._as_block(V).T.contiguous()
+        rows = _finite_rows(self._as_block(V).T.contiguous())
         out = torch.zeros(len(self.blocks), rows.shape[0], dtype=self.dtype, device=self.device)
         result = self._reduce(rows, out, lambda acc, w: quadratic_form_sink(acc, self._block_of_param, w))
         self.num_matvecs += rows.shape[0]
         return result
+
+
+def _finite_rows(rows: Tensor) -> Tensor:
+    """``rows`` (the vectors to multiply, one per row) if finite, else an error naming the first bad one.
+
+    A NaN vector would otherwise surface a whole data pass later as a non-finite product of batch 0.
+    """
+    if rows.is_floating_point() and not bool(torch.isfinite(rows).all()):
+        bad = int((~torch.isfinite(rows)).any(1).nonzero()[0])
+        raise ValueError(f"vector {bad} of the {rows.shape[0]} multiplied has NaN or infinite entries; "
+                         "the operator multiplies finite vectors only")
+    return rows
 
 
 class HessianOperator(CurvatureOperator):

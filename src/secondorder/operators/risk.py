@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from secondorder import validation
-from secondorder.data import as_batches, batch_size, call_model, seeded_batches, to_device, untouched
+from secondorder.data import as_batches, batch_size, call_model, seeded_batches, shapes, to_device, untouched
 from secondorder.distributed.reducer import Reducer
 
 __all__ = ["EmpiricalRisk", "NonFiniteError"]
@@ -52,12 +52,21 @@ class EmpiricalRisk:
     batch_size_fn: Callable[[Any], int] | None = None
     seed: int = 0
     num_samples: int | None = None
+    passes: int = 0
+    """Completed passes over the data."""
+    layout: tuple | None = None
+    """What the first pass saw: per batch, its sample count and its tensors' shapes."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
         if not callable(self.loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
+        meta = next((name for name, p in self.model.named_parameters() if p.is_meta), None)
+        if meta is not None:
+            raise ValueError(f"the model is on the meta device (parameter {meta!r} has no values): materialize it "
+                             "first (model.to_empty(device=...), then load_state_dict)")
+        self.seed = validation.seed(self.seed)
         self.data = as_batches(self.data)
 
     # ---- one batch ---------------------------------------------------------------------
@@ -79,23 +88,60 @@ class EmpiricalRisk:
     def loss(self, outputs: Any, batch: Any, index: int) -> Tensor:
         """The batch's mean loss, checked to be a finite scalar."""
         loss = self.loss_fn(self.model, batch) if self.closure else self.loss_fn(outputs, batch[1])
-        return check_finite(check_scalar(loss, index), index)
+        loss = check_finite(check_scalar(loss, index), index)
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            raise ValueError(f"the loss of batch {index} does not depend on the parameters (it has no graph): "
+                             "are the model's outputs detached, or computed under torch.no_grad()?")
+        return loss
 
     # ---- the data set ------------------------------------------------------------------
     def for_each_batch(self, device: torch.device, visit: Callable[[int, Any, int], None]) -> int:
         """``visit(index, batch, n)`` for every batch on ``device`` with its seed in force and the
         model's buffers and RNG restored afterwards; returns the number of samples seen here.
         """
-        count = 0
+        layout = []
         with untouched(self.model, device):
             for index, batch in seeded_batches(self.data, self.seed, device):
                 batch = to_device(batch, device)
                 n = batch_size(batch, self.batch_size_fn)
+                if n == 0:
+                    raise ValueError(f"batch {index} is empty (0 samples); drop empty batches from the data")
+                layout.append((n, shapes(batch)))
+                self._check_layout(layout)
                 visit(index, batch, n)
-                count += n
-        if count == 0:
-            raise ValueError("data yielded no batches (or only empty ones); pass at least one non-empty batch")
-        return count
+        if not layout:
+            raise ValueError("data yielded no batches; pass at least one non-empty batch")
+        self._check_layout(layout, complete=True)
+        self.passes += 1
+        self.layout = self.layout or tuple(layout)
+        return sum(n for n, _ in layout)
+
+    def _check_layout(self, layout: list, complete: bool = False) -> None:
+        """Refuse a pass whose batches differ from the first pass's: its latest batch, or with
+        ``complete`` its number of batches.
+
+        Every algorithm multiplies one fixed matrix; data that change between passes (a
+        re-iterable that yields fewer batches each time, a sampler without a seed that draws
+        other batch sizes) would make each product another matrix's, silently.
+        """
+        first = self.layout
+        if first is None:
+            return
+
+        def describe(batches: Sequence, i: int) -> str:
+            return f"batch {i} with {batches[i][0]} samples of shapes {list(batches[i][1])}"
+
+        i = len(layout) - 1
+        if complete and len(layout) != len(first):
+            seen, was = f"{len(layout)} batches", f"{len(first)} batches"
+        elif not complete and i >= len(first):
+            seen, was = describe(layout, i), f"only {len(first)} batches"
+        elif not complete and layout[i] != first[i]:
+            seen, was = describe(layout, i), describe(first, i)
+        else:
+            return
+        raise ValueError(f"the data changed between passes: pass {self.passes + 1} yielded {seen}, pass 1 {was}; "
+                         "every product needs the same batches (a list, or a DataLoader with a seeded sampler)")
 
     def loss_and_gradient(self, params: Sequence[Tensor], reducer: Reducer,
                           gradient: bool = True) -> tuple[float, Tensor | None]:

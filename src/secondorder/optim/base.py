@@ -155,7 +155,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.distributed = check_option(distributed)
         self.estimator, self.buffers = estimator, buffers
-        self.curvature_every, self.seed = curvature_every, seed
+        self.curvature_every, self.seed = curvature_every, validation.seed(seed)
         device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.num_steps = 0
