@@ -27,6 +27,14 @@ NETS = textwrap.dedent('''
     def wrong_shape():
         return [(torch.randn(8, 7), torch.zeros(8, dtype=torch.long))]
 
+    def later_wrong_inputs():  # the first batch fits; the third has 7 features instead of 4
+        good = batches()
+        return [*good, (torch.randn(5, 7), torch.zeros(5, dtype=torch.long))]
+
+    def later_wrong_targets():  # the second batch's targets are [15, 2] instead of [15]
+        (x0, y0), (x1, _) = batches()
+        return [(x0, y0), (x1, torch.zeros(15, 2, dtype=torch.long))]
+
     def nan_batches():
         return [(torch.full((8, 4), float("nan")), torch.zeros(8, dtype=torch.long))]
 

@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from secondorder.analysis import HessianTracker, analyze, hessian_evolution, summary_table, write_report
+from secondorder.cli.batches import WatchedBatches, naming_the_batch
 from secondorder.cli.common import (
     FACTORIES_HELP,
     UsageError,
     add_default_model_options,
     add_model_options,
     add_output_options,
-    atomic_directory,
     device_of,
     join_torchrun,
+    output_directory,
     own_problem,
     parameter_names,
     under_torchrun,
@@ -84,8 +85,9 @@ def _own_model(args: argparse.Namespace, device: torch.device):
     model, loss_fn, data, states, context = own_problem(args, device)
     evolution = None
     if len(states) > 1:
-        evolution = hessian_evolution(model, list(enumerate(states)), loss_fn, data, progress=not args.quiet,
-                                      seed=args.seed, params=parameter_names(args))
+        with naming_the_batch(model, loss_fn, data):
+            evolution = hessian_evolution(model, list(enumerate(states)), loss_fn, data, progress=not args.quiet,
+                                          seed=args.seed, params=parameter_names(args))
     return model, loss_fn, data, context, evolution
 
 
@@ -131,6 +133,15 @@ def _my_shard(data, reducer: Reducer) -> list:
         raise UsageError(f"{err} (smaller batches, or fewer processes)") from None
 
 
+def _watched_shard(data, reducer: Reducer):
+    """:func:`_my_shard`, still naming a rejected batch by its index in --data if ``data`` is the user's."""
+    shard = _my_shard(data, reducer)
+    if not isinstance(data, WatchedBatches):
+        return shard
+    rank, size = reducer.rank, reducer.size
+    return WatchedBatches(shard, data.first, numbers=range(rank, rank + size * len(shard), size))
+
+
 def run(args: argparse.Namespace) -> tuple[dict | None, str]:
     """The ``analyze`` command: its summary (``None`` on ranks other than 0) and the text to print."""
     if not under_torchrun():
@@ -153,25 +164,31 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, world) -> tuple[dict | None, str]:
+    with output_directory(args, writes=world is None or world.rank == 0) as tmp:  # --out first, before any work
+        return _analyze(args, world, tmp)
+
+
+def _analyze(args: argparse.Namespace, world, tmp) -> tuple[dict | None, str]:
+    """The analysis; rank 0 (or the single process) writes the report into ``tmp``."""
     _check_counts(args)
     device = device_of(args)
     start = time.perf_counter()
     args.quiet = args.quiet or (world is not None and world.rank != 0)  # rank 0 shows the progress
     model, loss_fn, data, context, evolution = (_own_model if wants_own_model(args) else _default_model)(args, device)
     if world is not None:
-        data = _my_shard(data, RankReducer())
+        data = _watched_shard(data, RankReducer())
         context["processes"] = f"{world.size} ({world.backend}), each analyzing every {world.size}-th batch"
-    analysis = analyze(model, loss_fn, data, params=parameter_names(args), curvature=args.curvature, top_k=args.top_k,
-                       bottom_k=args.bottom_k, trace_matvecs=args.probes, slq_probes=args.slq_probes,
-                       slq_steps=args.slq_steps, landscape=not args.no_landscape,
-                       landscape_radius=args.landscape_radius, max_matvecs=args.max_matvecs, seed=args.seed,
-                       progress=not args.quiet, distributed=world is not None)
-    if world is not None and world.rank != 0:
+    with naming_the_batch(model, loss_fn, data):
+        analysis = analyze(model, loss_fn, data, params=parameter_names(args), curvature=args.curvature,
+                           top_k=args.top_k, bottom_k=args.bottom_k, trace_matvecs=args.probes,
+                           slq_probes=args.slq_probes, slq_steps=args.slq_steps, landscape=not args.no_landscape,
+                           landscape_radius=args.landscape_radius, max_matvecs=args.max_matvecs, seed=args.seed,
+                           progress=not args.quiet, distributed=world is not None)
+    if tmp is None:  # a rank other than 0: rank 0 writes the report
         return None, ""
     context.update({"curvature": args.curvature, "seed": args.seed, "machine": describe(device),
                     "total seconds": f"{time.perf_counter() - start:.1f}"})
-    with atomic_directory(args.out) as tmp:
-        summary = write_report(analysis, tmp, title="secondorder analyze: Hessian report", context=context,
-                               evolution=evolution)
+    summary = write_report(analysis, tmp, title="secondorder analyze: Hessian report", context=context,
+                           evolution=evolution)
     table = summary_table(analysis) + f"\nreport: {args.out / 'report.html'} (also report.md, summary.json and PNGs)"
     return summary, table

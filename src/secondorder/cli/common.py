@@ -1,6 +1,7 @@
-"""What the ``secondorder`` commands share: the user's model, data and loss from factories, and errors.
+"""What the ``secondorder`` commands share: the user's model, data and loss from factories, ``--out``, errors.
 
-Bad input raises :class:`UsageError` (one line, exit status 2, nothing written).
+Bad input raises :class:`UsageError` (one line, exit status 2, nothing written). ``--out`` is
+checked before any work and replaced as a whole (:mod:`secondorder.cli.output`).
 """
 
 from __future__ import annotations
@@ -8,15 +9,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shutil
 import sys
-import tempfile
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from secondorder.cli import output
+from secondorder.cli.batches import WatchedBatches
+from secondorder.cli.errors import UsageError
+from secondorder.cli.output import atomic_directory
 
 FACTORIES_HELP = """\
 factories: MODULE:NAME is imported (the current directory is on the path) and called with no
@@ -31,8 +35,6 @@ LOSSES: dict[str, Callable] = {
     "mse": F.mse_loss,
     "bce": F.binary_cross_entropy_with_logits,  # on logits, the usual case
 }
-class UsageError(ValueError):
-    """Bad input: reported in one line, exit status 2."""
 
 
 def load(spec: str, option: str) -> Any:
@@ -83,8 +85,11 @@ def loss_function(spec: str) -> Callable:
     return LOSSES[spec] if spec in LOSSES else load(spec, "--loss")
 
 
-def check_forward(model: torch.nn.Module, loss_fn: Callable, data: Any, device: torch.device) -> None:
-    """One forward of the first batch, so that shape errors surface as one clear line."""
+def check_forward(model: torch.nn.Module, loss_fn: Callable, data: Any, device: torch.device) -> Any:
+    """One forward of the first batch, so that shape errors surface as one clear line; returns that batch.
+
+    The later batches are checked where a pass reaches them (:mod:`secondorder.cli.batches`).
+    """
     from secondorder.data import as_batches, call_model, to_device
 
     try:
@@ -102,6 +107,7 @@ def check_forward(model: torch.nn.Module, loss_fn: Callable, data: Any, device: 
     except Exception as err:
         raise UsageError(f"the model rejected the first batch of --data: {type(err).__name__}: "
                          f"{str(err).strip().splitlines()[0]}") from err
+    return first
 
 
 def parameter_names(args: argparse.Namespace) -> list[str] | None:
@@ -143,32 +149,27 @@ def user_input(what: str) -> Iterator[None]:
         raise UsageError(f"{what}: {str(err).strip().splitlines()[0]}") from err
 
 
-@contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory beside ``out``; on success its files replace those of ``out``,
-    on error it vanishes (so bad input leaves nothing written).
+def output_directory(args: argparse.Namespace, writes: bool = True) -> AbstractContextManager[Path | None]:
+    """Enter first, before any work: ``--out`` checked, and (if this process ``writes``) the directory the
+    command writes into, which replaces ``--out`` as a whole when the block succeeds
+    (:func:`~secondorder.cli.output.atomic_directory`); ``None`` on a process that does not write.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            for item in tmp.iterdir():
-                item.replace(out / item.name)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    if not writes:
+        output.check(args.out, args.force)
+        return nullcontext(None)
+    return atomic_directory(args.out, force=args.force, command=f"secondorder {args.command}")
 
 
 def add_output_options(parser: argparse.ArgumentParser, default_out: str) -> None:
-    """--out, --json, --quiet."""
+    """--out, --force, --json, --quiet."""
     out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=Path(default_out), help=f"directory (default: ./{default_out})")
+    out.add_argument("--out", type=Path, default=Path(default_out),
+                     help=f"directory, replaced as a whole by the new files when the run succeeds (checked before "
+                          f"any work; default: ./{default_out})")
+    out.add_argument("--force", action="store_true",
+                     help="replace --out even if it is a non-empty directory that no secondorder command wrote "
+                          "(its files are deleted); without it such a directory is refused, while an earlier "
+                          "output is always replaced")
     out.add_argument("--json", action="store_true", help="print summary.json to stdout instead of the table")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -205,7 +206,11 @@ def wants_own_model(args: argparse.Namespace) -> bool:
 
 
 def own_problem(args: argparse.Namespace, device: torch.device):
-    """``(model, loss_fn, data, checkpoint states, context)`` from the factories, checked with one forward."""
+    """``(model, loss_fn, data, checkpoint states, context)`` from the factories, checked with one forward;
+    ``data`` is a :class:`~secondorder.cli.batches.WatchedBatches`.
+    """
+    from secondorder.data import as_batches
+
     if not args.model or not args.data:
         raise UsageError("--model and --data go together (without both, the default model is trained)")
     model = call_factory(args.model, "--model")
@@ -215,7 +220,8 @@ def own_problem(args: argparse.Namespace, device: torch.device):
     model.to(device)
     data = call_factory(args.data, "--data")
     loss_fn = loss_function(args.loss)
-    check_forward(model, loss_fn, data, device)
+    first = check_forward(model, loss_fn, data, device)
+    data = WatchedBatches(as_batches(data), first)  # a pass's error on a later batch names it
     context = {"model": f"{args.model} ({sum(p.numel() for p in model.parameters())} parameters)",
                "checkpoint": args.checkpoint[-1] if args.checkpoint else "factory's initial weights",
                "data": args.data, "loss": args.loss}

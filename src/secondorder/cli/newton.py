@@ -16,7 +16,7 @@ import io
 import json
 import sys
 
-from secondorder.cli.common import UsageError, add_output_options, atomic_directory, join_torchrun, under_torchrun
+from secondorder.cli.common import UsageError, add_output_options, join_torchrun, output_directory, under_torchrun
 from secondorder.datasets.glm import DATASETS, load_dataset
 from secondorder.distributed import DEFAULT_TIMEOUT, shutdown
 from secondorder.newton.engine import EFFECTIVE_DIMS, run_newton
@@ -145,10 +145,9 @@ def _config(args, d: int, machines: int) -> SketchConfig:
                         args.local_solver, args.cg_iterations)
 
 
-def _cluster(args, engine: str, problem):
-    """The engine's cluster, this process's rank and the number of machines."""
-    if engine == "processes":
-        world = join_torchrun("gloo", timeout=args.timeout)  # float64 CPU tensors, also on GPU nodes
+def _cluster(args, world, problem):
+    """The cluster (of the processes of ``world``, or simulated if it is ``None``) and this process's rank."""
+    if world is not None:
         if args.machines is not None and args.machines != world.size:
             raise UsageError(f"--machines {args.machines} differs from the torchrun world size {world.size}; "
                              "drop --machines or launch that many processes")
@@ -203,20 +202,24 @@ def _table(summary: dict, rows: list[dict]) -> str:
 def run(args: argparse.Namespace) -> tuple[dict | None, str]:
     """The ``newton`` command: its summary (``None`` on ranks other than 0) and the text to print."""
     engine = _engine(args)
-    problem = _problem(args)
     if engine == "simulator":
-        return _run(args, engine, problem)
+        with output_directory(args) as tmp:  # --out first, before any work
+            return _run(args, engine, None, tmp)
     finished = False
     try:
-        out = _run(args, engine, problem)
+        world = join_torchrun("gloo", timeout=args.timeout)  # float64 CPU tensors, also on GPU nodes
+        with output_directory(args, writes=world.rank == 0) as tmp:  # rank 0 writes; every rank checks
+            out = _run(args, engine, world, tmp)
         finished = True
         return out
     finally:
         shutdown(wait=finished)
 
 
-def _run(args, engine: str, problem) -> tuple[dict | None, str]:
-    cluster, rank = _cluster(args, engine, problem)
+def _run(args, engine: str, world, tmp) -> tuple[dict | None, str]:
+    """Newton on this process's machines; rank 0 (or the simulator) writes the outputs into ``tmp``."""
+    problem = _problem(args)
+    cluster, rank = _cluster(args, world, problem)
     exact = newton_solve(cluster)
     if not exact.converged:
         raise UsageError(f"the exact Newton solver did not converge on {args.dataset} (||grad|| = "
@@ -229,7 +232,7 @@ def _run(args, engine: str, problem) -> tuple[dict | None, str]:
 
     result = run_newton(cluster, iterations=args.iterations, line_search=args.line_search,
                         w_star=exact.w, callback=progress)
-    if rank != 0:
+    if tmp is None:  # a rank other than 0: rank 0 writes the outputs
         return None, ""
     errors = result.relative_errors.tolist()
     rows = [{"iteration": 0, "relative_error": errors[0], "step_size": "", "seconds": ""}]
@@ -253,8 +256,7 @@ def _run(args, engine: str, problem) -> tuple[dict | None, str]:
                         "seconds": r["seconds"] if r["iteration"] else None} for r in rows],
     }
     label = f"{config.sketch}, {config.averaging} averaging, q={cluster.machines}, m={config.sketch_size}"
-    with atomic_directory(args.out) as tmp:
-        (tmp / "iterations.csv").write_text(_csv(rows))
-        _plot(tmp / "convergence.png", errors, label)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    (tmp / "iterations.csv").write_text(_csv(rows))
+    _plot(tmp / "convergence.png", errors, label)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary, _table(summary, rows) + f"\noutputs: {args.out} (iterations.csv, convergence.png, summary.json)"

@@ -13,18 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from secondorder.cli.batches import naming_the_batch
 from secondorder.cli.common import (
     FACTORIES_HELP,
     UsageError,
     add_default_model_options,
     add_model_options,
     add_output_options,
-    atomic_directory,
     device_of,
+    output_directory,
     own_problem,
     parameter_names,
     user_input,
@@ -220,6 +222,12 @@ def _markdown(summary: dict) -> str:
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:
     """The ``quantize`` command: its summary and the text to print."""
+    with output_directory(args) as tmp:  # --out first, before any work
+        assert tmp is not None
+        return _run(args, tmp)
+
+
+def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     device = device_of(args)
     bits = _bits(args.bits)
     if args.finetune_epochs < 0 or args.probes < 3:
@@ -227,6 +235,14 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     model, loss_fn, data, fine_data, eval_data, context = (_own if wants_own_model(args) else _default)(args, device)
     if not quantizable_layers(model):
         raise UsageError("the model has no quantizable layers (modules holding a weight of 2 or more dimensions)")
+    with naming_the_batch(model, loss_fn, data):
+        summary = _quantize(args, tmp, device, bits, model, loss_fn, data, fine_data, eval_data, context)
+    table = _markdown(summary).split("\n![")[0] + f"\nreport: {args.out / 'report.md'} (also summary.json, PNGs)"
+    return summary, table
+
+
+def _quantize(args, tmp: Path, device, bits, model, loss_fn, data, fine_data, eval_data, context) -> dict:
+    """Sensitivities, allocation, quantization and evaluation; the report is written into ``tmp``."""
     sens = layer_sensitivities(model, loss_fn, data, bits=bits, layers=parameter_names(args),
                                trace_matvecs=args.probes, seed=args.seed,
                                granularity=args.granularity, group_size=args.group_size, progress=not args.quiet)
@@ -260,9 +276,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         "results": results,
         "frontier": [{"size_bits": a.size_bits, "sensitivity": a.sensitivity, "bits": a.bits} for a in frontier],
     }
-    with atomic_directory(args.out) as tmp:
-        _plots(tmp, omega, sens, allocation, frontier)
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        (tmp / "report.md").write_text(_markdown(summary))
-    table = _markdown(summary).split("\n![")[0] + f"\nreport: {args.out / 'report.md'} (also summary.json, PNGs)"
-    return summary, table
+    _plots(tmp, omega, sens, allocation, frontier)
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    (tmp / "report.md").write_text(_markdown(summary))
+    return summary

@@ -26,9 +26,9 @@ from secondorder.cli.common import (
     UsageError,
     add_model_options,
     add_output_options,
-    atomic_directory,
     call_factory,
     device_of,
+    output_directory,
     own_problem,
     wants_own_model,
 )
@@ -301,6 +301,12 @@ def _table(summary: dict, rows: list[dict], out: Path) -> str:
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:
     """The ``train`` command: its summary and the text to print."""
+    with output_directory(args) as tmp:  # --out first, before any work
+        assert tmp is not None
+        return _run(args, tmp)
+
+
+def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     _check(args)
     device = device_of(args)
     start = time.perf_counter()
@@ -337,9 +343,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
                "batch_increases": [{"after_epoch": r["epoch"], "reason": r["batch_increase"]}
                                    for r in rows if r["batch_increase"]],
                "epochs": rows}
-    with atomic_directory(args.out) as tmp:
-        (tmp / "epochs.csv").write_text(_csv(rows))
-        _plot(tmp / "schedule.png", rows, f"secondorder train --schedule {args.schedule}: {context['model']}")
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        torch.save(trainer.state_dict(), tmp / STATE_FILE)
+    (tmp / "epochs.csv").write_text(_csv(rows))
+    _plot(tmp / "schedule.png", rows, f"secondorder train --schedule {args.schedule}: {context['model']}")
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    torch.save(trainer.state_dict(), tmp / STATE_FILE)
     return summary, _table(summary, rows, args.out)
