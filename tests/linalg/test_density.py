@@ -179,3 +179,24 @@ def test_bad_input_and_seeds(distinct, spectra):
     assert torch.equal(a.nodes, b.nodes) and torch.equal(a.weights, b.weights)
     assert torch.equal(a.weights, g.weights)
     assert not torch.equal(a.weights, c.weights)
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_probe_chunks_give_the_same_density_as_all_probes_at_once(reorthogonalize):
+    A = torch.diag(torch.linspace(-1.0, 3.0, 60, dtype=torch.float64))
+    whole = secondorder.spectral_density(A, num_probes=5, num_steps=12, seed=3, reorthogonalize=reorthogonalize)
+    for chunked in (secondorder.spectral_density(A, num_probes=5, num_steps=12, seed=3, probe_chunk=2,
+                                                 reorthogonalize=reorthogonalize),
+                    secondorder.spectral_density(A, num_probes=5, num_steps=12, seed=3, reorthogonalize=reorthogonalize,
+                                                 memory_budget=2 * (15 if reorthogonalize else 4) * 60 * 8)):
+        assert torch.allclose(chunked.nodes, whole.nodes, atol=1e-12) and torch.allclose(chunked.weights, whole.weights,
+                                                                                          atol=1e-12)
+        assert chunked.num_matvecs == whole.num_matvecs
+
+
+def test_a_memory_budget_below_one_probe_is_refused_with_what_to_do():
+    A = torch.eye(50, dtype=torch.float64)
+    with pytest.raises(ValueError, match="above memory_budget=100; raise it, take fewer steps or pass reorthogonalize"):
+        secondorder.spectral_density(A, num_probes=2, num_steps=10, memory_budget=100)
+    with pytest.raises(ValueError, match="not both"):
+        secondorder.spectral_density(A, probe_chunk=1, memory_budget=10**6)

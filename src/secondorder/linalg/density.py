@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from secondorder.linalg.probes import Seed, make_generator, rademacher
+from secondorder.linalg.probes import Seed, chunk_sizes, make_generator, rademacher
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SpectralDensityResult
 from secondorder.operators.base import LinearOperator, working_operator
-from secondorder.validation import positive_int
+from secondorder.validation import optional_positive_int, positive_int
 
 
 def spectral_density(
@@ -28,16 +28,31 @@ def spectral_density(
     seed: Seed = None,
     reorthogonalize: bool = True,
     progress: bool = False,
+    *,
+    probe_chunk: int | None = None,
+    memory_budget: int | None = None,
 ) -> SpectralDensityResult:
     """Stochastic Lanczos quadrature of a symmetric operator.
 
     Args:
         A: a symmetric operator or dense tensor.
-        num_probes: independent start vectors (their products are batched).
+        num_probes: independent start vectors (the products of a chunk of them are batched).
         num_steps: Lanczos steps per probe, capped at ``P``.
         seed: int, generator or ``None``.
-        reorthogonalize: full reorthogonalization (default; memory ``num_probes * steps * P``).
+        reorthogonalize: full reorthogonalization against every earlier Lanczos vector (default:
+            the Ritz values are those of exact arithmetic; the basis takes ``chunk * (steps + 3) * P``
+            numbers). ``False`` keeps four vectors per probe (``4 * chunk * P``): rounding then
+            lets converged Ritz values reappear as spurious copies ("ghosts", Paige 1971), which
+            split the weight of their eigenvalue between the copies; integrals of smooth
+            functions of the density (traces, moments, the density smoothed by a kernel) stay
+            accurate (Knizhnerman 1996; Meurant & Strakos 2006), single nodes and their weights
+            do not.
         progress: show a progress bar of the products on stderr.
+        probe_chunk: run the probes this many at a time (all at once for ``None``); the result
+            is the same, the peak memory is that of one chunk.
+        memory_budget: bytes the Lanczos vectors may take; chooses the largest ``probe_chunk``
+            that fits (``ValueError`` if one probe does not: use ``reorthogonalize=False`` or
+            fewer steps). Not with ``probe_chunk``.
 
     Returns:
         :class:`SpectralDensityResult` with real ``nodes`` and ``weights`` (rows sum to 1).
@@ -48,10 +63,37 @@ def spectral_density(
     positive_int(num_steps, "num_steps")
     P = A.shape[0]
     m = min(num_steps, P)
+    chunk = _chunk(num_probes, m, P, A.dtype, reorthogonalize, probe_chunk, memory_budget)
     gen = make_generator(seed, A)
     with ticking(A, progress, num_probes * m, "spectral density (SLQ)") as op, torch.no_grad():
-        nodes, weights, used = _lanczos_quadrature(op, num_probes, m, gen, reorthogonalize)
+        start = op.num_matvecs
+        parts = [_lanczos_quadrature(op, k, m, gen, reorthogonalize) for k in chunk_sizes(num_probes, chunk)]
+        used = op.num_matvecs - start
+    nodes, weights = (torch.cat([part[i] for part in parts]) for i in (0, 1))
     return SpectralDensityResult(nodes=nodes, weights=weights, dimension=P, num_matvecs=used)
+
+
+def lanczos_vectors(m: int, P: int, reorthogonalize: bool) -> int:
+    """How many numbers one probe's Lanczos vectors take: the ``m``-step basis and three working
+    vectors, or four vectors without reorthogonalization (the operator's own memory aside).
+    """
+    return (m + 3) * P if reorthogonalize else 4 * P
+
+
+def _chunk(num_probes: int, m: int, P: int, dtype: torch.dtype, reorthogonalize: bool, probe_chunk: int | None,
+           memory_budget: int | None) -> int | None:
+    """The probes run at once: ``probe_chunk``, or what ``memory_budget`` bytes hold."""
+    optional_positive_int(probe_chunk, "probe_chunk (probes run at once)")
+    if memory_budget is None:
+        return probe_chunk
+    if probe_chunk is not None:
+        raise ValueError("pass probe_chunk or memory_budget, not both")
+    per_probe = lanczos_vectors(m, P, reorthogonalize) * torch.finfo(dtype).bits // 8
+    fits = positive_int(memory_budget, "memory_budget (bytes)") // per_probe
+    if fits < 1:
+        raise ValueError(f"one probe's Lanczos vectors take {per_probe} bytes ({m} steps of {P} coordinates), above "
+                         f"memory_budget={memory_budget}; raise it, take fewer steps or pass reorthogonalize=False")
+    return min(num_probes, fits)
 
 
 def _lanczos_quadrature(A: LinearOperator, num_probes: int, m: int, gen, reorthogonalize: bool):
@@ -60,7 +102,10 @@ def _lanczos_quadrature(A: LinearOperator, num_probes: int, m: int, gen, reortho
     eps = torch.finfo(A.dtype).eps
     start = A.num_matvecs
     v = rademacher(A, num_probes, gen) / P**0.5
-    basis = [v]
+    # [probe, step, P]: each probe's basis contiguous, so that its projections are batched matmuls
+    basis = torch.empty(num_probes, m if reorthogonalize else 0, P, dtype=v.dtype, device=v.device)
+    if reorthogonalize:
+        basis[:, 0] = v.T
     alphas, betas = [], []
     length = torch.full((num_probes,), m, dtype=torch.long)
     active = torch.ones(num_probes, dtype=torch.bool)
@@ -73,9 +118,9 @@ def _lanczos_quadrature(A: LinearOperator, num_probes: int, m: int, gen, reortho
         alpha = (v * w).sum(0)
         w = w - alpha * v - beta_prev * prev
         if reorthogonalize:
-            B = torch.stack(basis)  # [j+1, P, R]
-            for _ in range(2):
-                w = w - torch.einsum("jpr,jr->pr", B, torch.einsum("jpr,pr->jr", B, w))
+            B = basis[:, : j + 1]  # [R, j+1, P]
+            for _ in range(2):  # two passes of classical Gram-Schmidt, without a basis-sized temporary
+                w = w - torch.bmm(B.transpose(1, 2), torch.bmm(B, w.T.unsqueeze(2))).squeeze(2).T
         beta = w.norm(dim=0)
         alphas.append(alpha)
         scale = torch.maximum(scale, alpha.abs().double().cpu() + beta.double().cpu())
@@ -90,7 +135,8 @@ def _lanczos_quadrature(A: LinearOperator, num_probes: int, m: int, gen, reortho
             break
         prev, v = v, w / torch.where(beta > 0, beta, torch.ones_like(beta))
         beta_prev = beta
-        basis.append(v)
+        if reorthogonalize:
+            basis[:, j + 1] = v.T
     steps = len(alphas)
     nodes = torch.zeros(num_probes, m, dtype=torch.float64)
     weights = torch.zeros(num_probes, m, dtype=torch.float64)
