@@ -6,7 +6,14 @@ import time
 import pytest
 import torch
 
-from secondorder.distributed import DistributedError, all_gather_objects, all_reduce, current_world, launch
+from secondorder.distributed import (
+    DisagreementError,
+    DistributedError,
+    all_gather_objects,
+    all_reduce,
+    current_world,
+    launch,
+)
 
 from . import workers
 
@@ -54,3 +61,29 @@ def test_bad_launch_arguments():
         launch(workers.rank_sum, 0)
     with pytest.raises(ValueError, match="timeout"):
         launch(workers.rank_sum, 2, timeout=0)
+
+
+def test_a_disagreement_is_a_value_error_and_a_distributed_error():
+    assert issubclass(DisagreementError, ValueError) and issubclass(DisagreementError, DistributedError)
+
+
+def test_objects_of_different_sizes_are_gathered_in_rank_order():
+    expected = [{"rank": r, "text": "x" * (r * 1000)} for r in range(3)]
+    assert launch(workers.objects_of_every_size, 3, timeout=20) == [expected] * 3
+
+
+def test_a_fact_only_one_rank_has_fails_every_rank():
+    for name, both, message in launch(workers.facts_only_some_ranks_have, 2, timeout=20):
+        assert (name, both) == ("DisagreementError", True)
+        assert message == "the ranks disagree on extra: rank 0: None, rank 1: 1; pass the same facts"
+
+
+def test_after_a_failed_collective_the_next_one_fails_at_once():
+    timeout = 2.0
+    rank0, rank1 = launch(workers.collective_after_a_failed_one, 2, (timeout,), timeout=timeout)
+    message, waited = rank0["first"]
+    assert "collective 'first sum' failed" in message and waited < timeout + 3, rank0
+    message, waited = rank0["second"]
+    assert message.startswith("rank 0 of 2: collective 'second sum' not started: collective 'first sum' failed "
+                              "before and the process group is unusable") and waited < 0.5, rank0
+    assert "collective 'first sum' failed" in rank1["first"][0], rank1  # rank 0 left: no stale pairing

@@ -71,3 +71,15 @@ def test_a_rank_hanging_mid_run_fails_the_others_within_the_timeout():
     with pytest.raises(DistributedError, match="hung") as err:
         launch(workers.rank_hangs_mid_run, 2, timeout=3)
     assert "3 s timeout" in str(err.value)
+
+
+def test_ranks_given_different_run_options_fail_clearly_on_every_rank():
+    expected = [r"^the ranks disagree on iterations: rank 0: 2, rank 1: 3; every rank must run the same",
+                r"^the ranks disagree on line search: rank 0: True, rank 1: False;",
+                r"^the ranks disagree on w0: rank 0: [0-9a-f]{16}, rank 1: [0-9a-f]{16};",
+                r"^the ranks disagree on w_star: rank 0: None, rank 1: [0-9a-f]{16};",
+                r"^the ranks disagree on iterations: rank 0: 1, rank 1: 2;"]
+    for messages in launch(workers.disagreeing_run_options, 2, timeout=20):
+        assert len(messages) == len(expected)
+        for message, pattern in zip(messages, expected):
+            assert re.search(pattern, message), (pattern, message)

@@ -85,3 +85,23 @@ def rank_hangs_mid_run() -> None:
             time.sleep(600)
 
     run_newton(cluster, iterations=5, w_star=torch.ones(3, dtype=torch.float64), callback=hang)
+
+
+def disagreeing_run_options() -> list[str]:
+    """Each run option one rank sets differently: every rank raises at the same handshake, which
+    leaves the group usable for the next case."""
+    problem = make_problem("logistic", 60, 3, 0)
+    rank = current_world().rank
+    shards = shards_of(60, current_world().size, 0)
+    cluster = ProcessCluster.from_shards(problem, shards, config=SketchConfig(9), seed=0)
+    w_star = torch.ones(3, dtype=torch.float64)
+    cases = [
+        lambda: run_newton(cluster, iterations=2 + rank, w_star=w_star),
+        lambda: run_newton(cluster, iterations=2, line_search=rank == 0, w_star=w_star),
+        lambda: run_newton(cluster, iterations=2, w0=torch.full((3,), float(rank), dtype=torch.float64),
+                           w_star=w_star),
+        lambda: run_newton(cluster, iterations=2, w_star=None if rank == 0 else w_star),
+        lambda: ProcessCluster.from_shards(problem, shards, config=SketchConfig(9), seed=0,
+                                           agree_on={"iterations": 1 + rank}),
+    ]
+    return error_messages(cases)

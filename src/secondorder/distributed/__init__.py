@@ -1,7 +1,8 @@
 """Data-parallel second-order computation on ``torch.distributed``.
 
 * :mod:`~secondorder.distributed.process_group`: joining the group (``torchrun`` or the local
-  :func:`launch`), collectives with clear errors and timeouts, the ranks' handshake (:func:`agree`).
+  :func:`launch`), collectives with clear errors and timeouts, the ranks' handshake (:func:`agree`,
+  :class:`DisagreementError`).
 * :mod:`~secondorder.distributed.buckets`: sums over ranks in few all-reduces, behind the
   data-parallel optimizer steps and curvature products.
 
@@ -11,6 +12,7 @@ The data-parallel curvature operators are ``HessianOperator``/``GGNOperator(...,
 from secondorder.distributed.buckets import sum_over_ranks
 from secondorder.distributed.process_group import (
     DEFAULT_TIMEOUT,
+    DisagreementError,
     DistributedError,
     World,
     agree,
@@ -23,6 +25,6 @@ from secondorder.distributed.process_group import (
 )
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",
+    "DEFAULT_TIMEOUT", "DisagreementError", "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",
     "init_from_env", "launch", "shutdown", "sum_over_ranks",
 ]

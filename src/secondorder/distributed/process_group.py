@@ -6,13 +6,19 @@ process (gloo on CPU, nccl when the process owns a GPU); tests and notebooks can
 :func:`launch`, which starts ``world_size`` local processes joined through a file store.
 
 Failure model: every collective runs under the group's timeout. A rank that dies closes its
-connections and the others fail at once; a rank that hangs makes the others fail when the
-timeout expires. Either way they raise :class:`DistributedError` naming the collective, the
-rank and the timeout, instead of waiting forever.
+connections and the others fail at once; a rank that hangs (sleeps, is stopped) makes the others
+fail when the timeout expires. Either way they raise :class:`DistributedError` naming the
+collective, the rank and the timeout, instead of waiting forever. The bound does not depend on how
+the group was made: every collective here is waited for with the timeout (on gloo; nccl's own
+watchdog bounds its collectives), an already initialized group is given the timeout, and the
+handshake (:func:`agree`) travels in all-reduces rather than ``all_gather_object``. After a failed
+collective the group is unusable: later collectives on that rank fail at once instead of pairing
+with another rank's stale one, and :func:`shutdown` skips its barrier.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import pickle
@@ -30,7 +36,7 @@ from torch import Tensor
 from secondorder.validation import positive_int
 
 __all__ = [
-    "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",
+    "DisagreementError", "DistributedError", "World", "agree", "all_gather_objects", "all_reduce", "current_world",
     "init_from_env", "launch", "shutdown",
 ]
 
@@ -40,6 +46,14 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 
 class DistributedError(RuntimeError):
     """A collective failed (another rank died, hung past the timeout, or called a different collective)."""
+
+
+class DisagreementError(DistributedError, ValueError):
+    """The ranks passed different facts to a handshake (:func:`agree`): raised on every rank alike.
+
+    A ``ValueError`` (bad input, the same on every rank) and a :class:`DistributedError` (what the
+    command line reports in one line).
+    """
 
 
 @dataclass(frozen=True)
@@ -59,6 +73,9 @@ class World:
 
 
 _TIMEOUT = {"seconds": DEFAULT_TIMEOUT}
+_BROKEN: dict[str, str] = {}
+"""``{"what": name}`` of the first collective that failed on this rank since the group was joined."""
+_EXIT_HOOK = {"registered": False}
 
 
 def current_world() -> World:
@@ -97,47 +114,134 @@ def init_from_env(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT) 
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    _TIMEOUT["seconds"] = timeout
+    else:
+        _bound_existing_group(timeout)
+    _joined(timeout)
     return current_world()
+
+
+def _joined(timeout: float) -> None:
+    """Record the group's timeout (a freshly joined group has no failed collective), and leave the
+    group at the interpreter's exit if the script does not: a gloo group left to the exit can abort
+    the process (SIGABRT) after its error was printed.
+    """
+    _TIMEOUT["seconds"] = timeout
+    _BROKEN.clear()
+    if not _EXIT_HOOK["registered"]:
+        atexit.register(_leave_at_exit)
+        _EXIT_HOOK["registered"] = True
+
+
+def _leave_at_exit() -> None:
+    """:func:`shutdown` without the barrier, if the group is still joined when the interpreter exits."""
+    try:
+        shutdown(wait=False)
+    except Exception:  # noqa: BLE001 - nothing left to report to at exit
+        pass
+
+
+def _bound_existing_group(timeout: float) -> None:
+    """Give a group that someone else initialized (with its own, maybe much longer, timeout) ours,
+    so that its collectives, and the interpreter's exit after one failed, are bounded by it too.
+    """
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is None:  # an older torch: the explicit waits of _collective still bound ours
+        return
+    try:
+        set_timeout(datetime.timedelta(seconds=timeout))
+    except (RuntimeError, ValueError):  # a backend without a settable timeout: likewise
+        pass
+
+
+def _reason(err: BaseException, timeout: float) -> str:
+    """The first line of a collective's error (a wait that ran out says so with the timeout)."""
+    text = str(err).strip()
+    if isinstance(err, TimeoutError) or text == "Operation timed out!":
+        return f"no answer within the {timeout:g} s timeout"
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _fail(what: str, err: BaseException) -> DistributedError:
     world = current_world()
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return DistributedError(
-        f"rank {world.rank} of {world.size}: collective '{what}' failed ({first}). Another rank "
-        f"died, hung for more than the {world.timeout:g} s timeout, or called a different "
+        f"rank {world.rank} of {world.size}: collective '{what}' failed ({_reason(err, world.timeout)}). Another "
+        f"rank died, hung for more than the {world.timeout:g} s timeout, or called a different "
         "collective; check the other ranks' errors"
     )
+
+
+def _refuse_after_failure(what: str) -> None:
+    """``DistributedError`` if a collective failed on this rank before: the group is unusable (the
+    failed collective may still be pending, and another rank's late one would pair with this one).
+    """
+    if _BROKEN:
+        world = current_world()
+        raise DistributedError(
+            f"rank {world.rank} of {world.size}: collective '{what}' not started: collective "
+            f"'{_BROKEN['what']}' failed before and the process group is unusable; check the other ranks' errors"
+        )
+
+
+def _collective(what: str, issue: Callable[[bool], Any]) -> None:
+    """Run one collective, ``issue(async_op)``, bounded by the group's timeout.
+
+    On gloo (and any backend but nccl) the work is waited for with the timeout explicitly, whatever
+    timeout the group itself was made with; nccl collectives stay asynchronous on their stream,
+    bounded by nccl's watchdog. A failure marks the group broken and raises :class:`DistributedError`.
+    """
+    _refuse_after_failure(what)
+    world = current_world()
+    try:
+        if world.backend == "nccl":
+            issue(False)
+            return
+        work = issue(True)
+        if work.wait(timeout=datetime.timedelta(seconds=world.timeout)) is False:
+            raise TimeoutError(f"no answer within {world.timeout:g} s")
+    except (RuntimeError, TimeoutError) as err:
+        _BROKEN.setdefault("what", what)
+        raise _fail(what, err) from err
 
 
 def all_reduce(tensor: Tensor, op: str = "sum", *, what: str) -> Tensor:
     """In-place ``all_reduce`` of ``tensor`` with ``op`` ("sum", "max", "min"); returns it.
 
-    ``what`` names the collective in the error raised when it fails. In a world of one it is
-    the identity.
+    ``what`` names the collective in the error raised when it fails or when the timeout runs out.
+    In a world of one it is the identity.
     """
     if op not in _OPS:
         raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
     if current_world().distributed:
-        try:
-            dist.all_reduce(tensor, op=_OPS[op])
-        except RuntimeError as err:
-            raise _fail(what, err) from err
+        _collective(what, lambda async_op: dist.all_reduce(tensor, op=_OPS[op], async_op=async_op))
     return tensor
 
 
+def _object_device() -> torch.device:
+    """Where the handshake's bytes travel: the current GPU on nccl, the CPU otherwise."""
+    if current_world().backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_objects(obj: Any, *, what: str) -> list[Any]:
-    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a world of one)."""
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` in a world of one).
+
+    Two all-reduces under the timeout (unlike ``all_gather_object``, whose waits know only the
+    group's own): of the pickles' lengths, then of a ``world size x longest`` byte table in which
+    each rank fills its row. Both have the same shape on every rank, whatever the objects.
+    """
     world = current_world()
     if not world.distributed:
         return [obj]
-    out: list[Any] = [None] * world.size
-    try:
-        dist.all_gather_object(out, obj)
-    except RuntimeError as err:
-        raise _fail(what, err) from err
-    return out
+    data = pickle.dumps(obj)
+    device = _object_device()
+    lengths = torch.zeros(world.size, dtype=torch.int64, device=device)
+    lengths[world.rank] = len(data)
+    sizes = all_reduce(lengths, what=what).tolist()
+    table = torch.zeros(world.size, max(sizes), dtype=torch.uint8, device=device)
+    table[world.rank, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    rows = all_reduce(table, what=what).cpu()
+    return [pickle.loads(rows[r, :n].numpy().tobytes()) for r, n in enumerate(sizes)]
 
 
 def shutdown(*, wait: bool = True) -> None:
@@ -149,21 +253,24 @@ def shutdown(*, wait: bool = True) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
-        if wait:
+        if wait and not _BROKEN:  # after a failed collective there is no barrier to meet
             all_reduce(torch.zeros(1), what="shutdown barrier")
     finally:
         dist.destroy_process_group()
+        _BROKEN.clear()
 
 
 def agree(facts: dict[str, Any], *, what: str, advice: str) -> None:
-    """Raise ``ValueError`` on every rank, naming the first fact the ranks disagree on and each
-    rank's value, unless all ranks passed equal ``facts`` (one ``all_gather_object``).
+    """Raise :class:`DisagreementError` (a ``ValueError``) on every rank, naming the first fact the
+    ranks disagree on and each rank's value, unless all ranks passed equal ``facts``
+    (:func:`all_gather_objects`, under the timeout).
     """
     everyone = all_gather_objects(facts, what=what)
-    for key in facts:
-        values = [f[key] for f in everyone]
+    keys = list(dict.fromkeys(key for f in everyone for key in f))  # the same order on every rank
+    for key in keys:
+        values = [f.get(key) for f in everyone]
         if any(v != values[0] for v in values):
-            raise ValueError(
+            raise DisagreementError(
                 f"the ranks disagree on {key}: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
                 + f"; {advice}"
             )
@@ -180,7 +287,7 @@ def _worker(rank: int, world_size: int, store: str, timeout: float, fn, args, re
             "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
-        _TIMEOUT["seconds"] = timeout
+        _joined(timeout)
         finished = False
         try:
             value = fn(*args)

@@ -13,18 +13,22 @@ run) and the combined sketched Newton direction at w. :func:`run_newton` drives 
 The engines are :class:`~secondorder.newton.simulator.SimulatedCluster` (q virtual machines in
 one process, vectorized) and :class:`~secondorder.newton.processes.ProcessCluster` (one machine
 per ``torch.distributed`` rank). Given the same data shards and seed they produce the same
-iterates.
+iterates. On processes, every rank runs the same sequence of collectives only if every rank runs
+the same loop: :func:`run_newton` first checks, in one handshake (:meth:`Cluster.agree`), that the
+ranks agree on the iterations, the line search, the start and the reference, so that a rank given
+other options fails with a clear error on every rank instead of a mismatched collective.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
+from secondorder.distributed.reducer import digest
 from secondorder.newton.combine import CombinedDirection
 from secondorder.newton.problems import DTYPE, armijo_step, as_weights, newton_solve
 from secondorder.validation import non_negative_int
@@ -55,6 +59,10 @@ class Cluster(Protocol):
     def hessian(self, w: Tensor) -> Tensor: ...
 
     def direction(self, w: Tensor, gradient: Tensor) -> DistributedStep: ...
+
+    def agree(self, facts: dict[str, Any], *, what: str) -> None:
+        """``ValueError`` on every machine unless all passed equal ``facts`` (a no-op in one process)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,15 @@ def check_iterations(iterations: int) -> int:
     return non_negative_int(iterations, "iterations")
 
 
+def run_facts(iterations: int, line_search: bool, w0: Tensor, w_star: Tensor | None) -> dict[str, Any]:
+    """What shapes a run's sequence of collectives (and its iterates), for the ranks' handshake:
+    the iterations, the line search, and digests of the start and of the reference (``None``: the
+    exact Newton solve, more collectives).
+    """
+    return {"iterations": iterations, "line search": bool(line_search), "w0": digest(w0),
+            "w_star": None if w_star is None else digest(w_star)}
+
+
 def run_newton(
     cluster: Cluster,
     *,
@@ -117,8 +134,10 @@ def run_newton(
     ``callback`` receives an :class:`IterationRecord` after every iteration.
     """
     iterations = check_iterations(iterations)
-    w_star = reference_solution(cluster, w_star)
     w = as_weights(cluster.dim, w0)
+    w_star = None if w_star is None else as_weights(cluster.dim, w_star)
+    cluster.agree(run_facts(iterations, line_search, w, w_star), what="Newton run handshake")
+    w_star = reference_solution(cluster, w_star)
     rel = lambda v: float((v - w_star).norm() / w_star.norm())
     g = cluster.gradient(w)
     iterates, errors, gnorms = [w], [rel(w)], [float(g.norm())]

@@ -18,15 +18,18 @@ Launch with ``torchrun`` (each process calls
 tensors, which nccl cannot reduce) or :func:`secondorder.distributed.launch`.
 Bad input (m <= d, an empty shard, labels outside the loss's domain, non-finite features, a
 number of shards that is not the world size) raises on the rank that has it before any
-communication; ranks that disagree on the dimension, λ, the loss or the configuration all raise
-at the first collective, a handshake. A rank that dies or hangs makes the others raise
-:class:`~secondorder.distributed.DistributedError` within the group's timeout.
+communication; ranks that disagree on the dimension, λ, the loss, the configuration or the seed
+(and on ``agree_on``: e.g. the run's iterations and line search) all raise
+:class:`~secondorder.distributed.DisagreementError` at the first collective, a handshake;
+:func:`~secondorder.newton.engine.run_newton` checks its own options in a second one. A rank that
+dies, hangs or is stopped makes the others raise :class:`~secondorder.distributed.DistributedError`
+within the group's timeout: every collective here goes through the reducer, bounded by it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -42,24 +45,27 @@ class ProcessCluster:
     """This rank's machine of a q-process run; implements :class:`~secondorder.newton.engine.Cluster`.
 
     ``shard`` is the rank's own problem (its rows, the global λ). All ranks must pass the same
-    ``config`` and ``seed``.
+    ``config``, ``seed`` and ``agree_on``: further facts the first handshake checks, such as the
+    options of the run that follows (``{"iterations": 10, "line search": True}``), so that ranks
+    given different ones fail before any work.
     """
 
-    def __init__(self, shard: GLMProblem, *, config: SketchConfig, seed: int = 0) -> None:
+    def __init__(self, shard: GLMProblem, *, config: SketchConfig, seed: int = 0,
+                 agree_on: Mapping[str, Any] | None = None) -> None:
         config.check(shard.dim)
         self.reducer = reducer_for("auto")
         self.rank, self.machines = self.reducer.rank, self.reducer.size
         self.shard, self.config = shard, config
         self.dim, self.lam = shard.dim, shard.lam
         self.generator = machine_generator(seed, self.rank)
-        self.reducer.agree({"d": shard.dim, "lam": shard.lam, "loss": type(shard).__name__, "config": asdict(config),
-               "seed": int(seed)}, what="handshake", advice="every rank must run the same problem and configuration")
+        self.agree({"d": shard.dim, "lam": shard.lam, "loss": type(shard).__name__, "config": asdict(config),
+                    "seed": int(seed), **dict(agree_on or {})}, what="handshake")
         self.num_samples = sum(c[0] for c in self.reducer.counts(shard.num_samples, device=torch.device("cpu"),
                                                                   what="number of samples"))
 
     @classmethod
     def from_shards(cls, problem: GLMProblem, shards: Sequence[Tensor], *, config: SketchConfig,
-                    seed: int = 0) -> "ProcessCluster":
+                    seed: int = 0, agree_on: Mapping[str, Any] | None = None) -> "ProcessCluster":
         """Rank k takes rows ``shards[k]`` of ``problem`` (every rank passes the same partition);
         checks that there is one shard per rank before communicating.
         """
@@ -70,7 +76,12 @@ class ProcessCluster:
                 "per rank (or launch as many processes as shards)"
             )
         parts = check_shards(shards, problem.num_samples)
-        return cls(problem.subset(parts[reducer.rank]), config=config, seed=seed)
+        return cls(problem.subset(parts[reducer.rank]), config=config, seed=seed, agree_on=agree_on)
+
+    def agree(self, facts: dict[str, Any], *, what: str) -> None:
+        """:class:`~secondorder.distributed.DisagreementError` on every rank unless all passed equal ``facts``."""
+        self.reducer.agree(facts, what=what, advice="every rank must run the same problem, configuration and "
+                                                    "options (the same command line)")
 
     def _sum(self, tensor: Tensor, *, what: str) -> Tensor:
         return self.reducer.sum([tensor], what=what)[0]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -222,6 +222,9 @@ class SimulatedCluster:
 
     def hessian(self, w: Tensor) -> Tensor:
         return self.problem.hessian(w)
+
+    def agree(self, facts: dict[str, Any], *, what: str) -> None:
+        """Nothing to agree on: the machines share this process."""
 
     def direction(self, w: Tensor, gradient: Tensor) -> DistributedStep:
         factor = self.problem.hessian_factor(w)
