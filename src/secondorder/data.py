@@ -38,29 +38,26 @@ def as_batches(data: Any) -> Iterable:
     return data
 
 
-def first_tensor(obj: Any) -> Tensor | None:
-    """The first tensor found depth-first in a batch."""
+def tensors(obj: Any) -> Iterator[Tensor]:
+    """A batch's tensors, depth-first (through mappings' values, lists and tuples)."""
     if isinstance(obj, Tensor):
-        return obj
+        yield obj
+        return
     if isinstance(obj, Mapping):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
         for item in obj:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
+            yield from tensors(item)
+
+
+def first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor found depth-first in a batch."""
+    return next(tensors(obj), None)
 
 
 def shapes(obj: Any) -> tuple:
     """The shapes of a batch's tensors, depth-first (what must not change between passes)."""
-    if isinstance(obj, Tensor):
-        return (tuple(obj.shape),)
-    if isinstance(obj, Mapping):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        return tuple(s for item in obj for s in shapes(item))
-    return ()
+    return tuple(tuple(t.shape) for t in tensors(obj))
 
 
 def batch_size(batch: Any, batch_size_fn: Callable[[Any], int] | None) -> int:
