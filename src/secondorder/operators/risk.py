@@ -36,6 +36,11 @@ class NonFiniteError(FloatingPointError):
     """A loss or a curvature product was NaN or infinite (the message names the batch)."""
 
 
+def _describe(layout: Sequence, i: int) -> str:
+    """Batch ``i`` of a pass's layout (sample count, tensor shapes) in words."""
+    return f"batch {i} with {layout[i][0]} samples of shapes {list(layout[i][1])}"
+
+
 @dataclass
 class EmpiricalRisk:
     """The size-weighted mean loss of ``model`` over ``data`` (one batch or a re-iterable).
@@ -98,8 +103,14 @@ class EmpiricalRisk:
     def for_each_batch(self, device: torch.device, visit: Callable[[int, Any, int], None]) -> int:
         """``visit(index, batch, n)`` for every batch on ``device`` with its seed in force and the
         model's buffers and RNG restored afterwards; returns the number of samples seen here.
+
+        The first pass records each batch's sample count and tensor shapes; a later pass that
+        differs is refused at its first differing batch (or at its end for fewer batches). Every
+        algorithm multiplies one fixed matrix; data that change between passes (a re-iterable that
+        yields fewer batches each time, a sampler without a seed that draws other batch sizes)
+        would make each product another matrix's, silently.
         """
-        layout = []
+        first, layout = self.layout, []
         with untouched(self.model, device):
             for index, batch in seeded_batches(self.data, self.seed, device):
                 batch = to_device(batch, device)
@@ -107,41 +118,22 @@ class EmpiricalRisk:
                 if n == 0:
                     raise ValueError(f"batch {index} is empty (0 samples); drop empty batches from the data")
                 layout.append((n, shapes(batch)))
-                self._check_layout(layout)
+                if first is not None and (index >= len(first) or layout[index] != first[index]):
+                    was = _describe(first, index) if index < len(first) else f"only {len(first)} batches"
+                    raise self._changed(_describe(layout, index), was)
                 visit(index, batch, n)
         if not layout:
             raise ValueError("data yielded no batches; pass at least one non-empty batch")
-        self._check_layout(layout, complete=True)
+        if first is not None and len(layout) != len(first):
+            raise self._changed(f"{len(layout)} batches", f"{len(first)} batches")
         self.passes += 1
-        self.layout = self.layout or tuple(layout)
+        self.layout = first or tuple(layout)
         return sum(n for n, _ in layout)
 
-    def _check_layout(self, layout: list, complete: bool = False) -> None:
-        """Refuse a pass whose batches differ from the first pass's: its latest batch, or with
-        ``complete`` its number of batches.
-
-        Every algorithm multiplies one fixed matrix; data that change between passes (a
-        re-iterable that yields fewer batches each time, a sampler without a seed that draws
-        other batch sizes) would make each product another matrix's, silently.
-        """
-        first = self.layout
-        if first is None:
-            return
-
-        def describe(batches: Sequence, i: int) -> str:
-            return f"batch {i} with {batches[i][0]} samples of shapes {list(batches[i][1])}"
-
-        i = len(layout) - 1
-        if complete and len(layout) != len(first):
-            seen, was = f"{len(layout)} batches", f"{len(first)} batches"
-        elif not complete and i >= len(first):
-            seen, was = describe(layout, i), f"only {len(first)} batches"
-        elif not complete and layout[i] != first[i]:
-            seen, was = describe(layout, i), describe(first, i)
-        else:
-            return
-        raise ValueError(f"the data changed between passes: pass {self.passes + 1} yielded {seen}, pass 1 {was}; "
-                         "every product needs the same batches (a list, or a DataLoader with a seeded sampler)")
+    def _changed(self, seen: str, was: str) -> ValueError:
+        """The error for a pass that yielded ``seen`` where the first pass yielded ``was``."""
+        return ValueError(f"the data changed between passes: pass {self.passes + 1} yielded {seen}, pass 1 {was}; "
+                          "every product needs the same batches (a list, or a DataLoader with a seeded sampler)")
 
     def loss_and_gradient(self, params: Sequence[Tensor], reducer: Reducer,
                           gradient: bool = True) -> tuple[float, Tensor | None]:
