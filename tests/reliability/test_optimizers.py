@@ -27,12 +27,20 @@ def _loss(model: nn.Module):
     return lambda: F.cross_entropy(model(X), Y)
 
 
+def _loss_and_logits(model: nn.Module):
+    """SophiaG's closure: the loss and the logits its sampled labels are drawn from."""
+    def closure():
+        logits = model(X)
+        return F.cross_entropy(logits, Y), logits
+    return closure
+
+
 def _stepped(make=AdaHessian, width: int = 3, **kwargs):
     """A model and its optimizer after two steps (state, counters and generator in use)."""
     model = _model(width)
     opt = make(model.parameters(), **kwargs)
     for _ in range(2):
-        opt.step(_loss(model) if make is not SophiaG else lambda: (lambda out: (F.cross_entropy(out, Y), out))(model(X)))
+        opt.step(_loss_and_logits(model) if make is SophiaG else _loss(model))
     return model, opt
 
 
