@@ -76,6 +76,8 @@ _TIMEOUT = {"seconds": DEFAULT_TIMEOUT}
 _BROKEN: dict[str, str] = {}
 """``{"what": name}`` of the first collective that failed on this rank since the group was joined."""
 _EXIT_HOOK = {"registered": False}
+_PENDING: list[Any] = []
+"""The work of a collective whose wait ran out: it still runs on the backend's thread."""
 
 
 def current_world() -> World:
@@ -191,6 +193,7 @@ def _collective(what: str, issue: Callable[[bool], Any]) -> None:
     """
     _refuse_after_failure(what)
     world = current_world()
+    work = None
     try:
         if world.backend == "nccl":
             issue(False)
@@ -200,6 +203,8 @@ def _collective(what: str, issue: Callable[[bool], Any]) -> None:
             raise TimeoutError(f"no answer within {world.timeout:g} s")
     except (RuntimeError, TimeoutError) as err:
         _BROKEN.setdefault("what", what)
+        if work is not None and not work.is_completed():
+            _PENDING.append(work)
         raise _fail(what, err) from err
 
 
@@ -256,8 +261,20 @@ def shutdown(*, wait: bool = True) -> None:
         if wait and not _BROKEN:  # after a failed collective there is no barrier to meet
             all_reduce(torch.zeros(1), what="shutdown barrier")
     finally:
+        _settle_pending()
         dist.destroy_process_group()
         _BROKEN.clear()
+
+
+def _settle_pending() -> None:
+    """Wait (once more, bounded by the timeout) for the collectives whose wait ran out: a group
+    destroyed while one still runs on gloo's thread aborts the interpreter at exit (SIGABRT).
+    """
+    while _PENDING:
+        try:
+            _PENDING.pop().wait(timeout=datetime.timedelta(seconds=_TIMEOUT["seconds"]))
+        except RuntimeError:  # it failed, as expected: what matters is that it is over
+            pass
 
 
 def agree(facts: dict[str, Any], *, what: str, advice: str) -> None:
