@@ -10,9 +10,11 @@ from secondorder.linalg.results import (
     EigenResult,
     SolveResult,
     SpectralDensityResult,
+    SubproblemResult,
     TraceResult,
 )
 from secondorder.linalg.solve import solve
+from secondorder.linalg.subproblems import cubic, steihaug
 from secondorder.linalg.trace import trace
 
 __all__ = [
@@ -21,11 +23,14 @@ __all__ = [
     "EigenResult",
     "SolveResult",
     "SpectralDensityResult",
+    "SubproblemResult",
     "TraceResult",
     "block_eigenvalues",
+    "cubic",
     "diagonal",
     "eigenvalues",
     "solve",
     "spectral_density",
+    "steihaug",
     "trace",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from secondorder.linalg.lanczos import Lanczos
 from secondorder.linalg.probes import Seed, chunk_sizes, make_generator, rademacher
 from secondorder.linalg.progress import ticking
 from secondorder.linalg.results import SpectralDensityResult
@@ -99,53 +100,16 @@ def _chunk(num_probes: int, m: int, P: int, dtype: torch.dtype, reorthogonalize:
 def _lanczos_quadrature(A: LinearOperator, num_probes: int, m: int, gen, reorthogonalize: bool):
     """``num_probes`` Lanczos runs of ``m`` steps advanced together: Gauss nodes, weights, products used."""
     P = A.shape[0]
-    eps = torch.finfo(A.dtype).eps
     start = A.num_matvecs
-    v = rademacher(A, num_probes, gen) / P**0.5
-    # [probe, step, P]: each probe's basis contiguous, so that its projections are batched matmuls
-    basis = torch.empty(num_probes, m if reorthogonalize else 0, P, dtype=v.dtype, device=v.device)
-    if reorthogonalize:
-        basis[:, 0] = v.T
-    alphas, betas = [], []
-    length = torch.full((num_probes,), m, dtype=torch.long)
-    active = torch.ones(num_probes, dtype=torch.bool)
-    prev, beta_prev = torch.zeros_like(v), torch.zeros(num_probes, dtype=A.dtype, device=A.device)
-    scale = torch.zeros(num_probes, dtype=torch.float64)
-    for j in range(m):
-        cols = active.nonzero().flatten().to(A.device)
-        w = torch.zeros_like(v)
-        w[:, cols] = A @ v[:, cols]
-        alpha = (v * w).sum(0)
-        w = w - alpha * v - beta_prev * prev
-        if reorthogonalize:
-            B = basis[:, : j + 1]  # [R, j+1, P]
-            for _ in range(2):  # two passes of classical Gram-Schmidt, without a basis-sized temporary
-                w = w - torch.bmm(B.transpose(1, 2), torch.bmm(B, w.T.unsqueeze(2))).squeeze(2).T
-        beta = w.norm(dim=0)
-        alphas.append(alpha)
-        scale = torch.maximum(scale, alpha.abs().double().cpu() + beta.double().cpu())
-        broke = active & (beta.double().cpu() <= 100 * eps * scale.clamp_min(1e-300))
-        if j == m - 1:
-            break
-        length[broke] = j + 1
-        active &= ~broke
-        beta = torch.where(active.to(A.device), beta, torch.zeros_like(beta))
-        betas.append(beta)
-        if not bool(active.any()):
-            break
-        prev, v = v, w / torch.where(beta > 0, beta, torch.ones_like(beta))
-        beta_prev = beta
-        if reorthogonalize:
-            basis[:, j + 1] = v.T
-    steps = len(alphas)
+    run = Lanczos(A, rademacher(A, num_probes, gen) / P**0.5, m, reorthogonalize)
+    for _ in run:
+        pass
+    steps = len(run.alphas)
     nodes = torch.zeros(num_probes, m, dtype=torch.float64)
     weights = torch.zeros(num_probes, m, dtype=torch.float64)
-    a = torch.stack(alphas).double().cpu()
-    b = torch.stack(betas).double().cpu() if betas else torch.zeros(0, num_probes, dtype=torch.float64)
     for r in range(num_probes):
-        L = min(int(length[r]), steps)
-        T = torch.diag(a[:L, r]) + torch.diag(b[: L - 1, r], 1) + torch.diag(b[: L - 1, r], -1)
-        theta, S = torch.linalg.eigh(T)
+        theta, S = torch.linalg.eigh(run.tridiagonal(r, min(int(run.length[r]), steps)))
+        L = theta.numel()
         nodes[r, :L] = theta
         weights[r, :L] = S[0] ** 2
     return nodes, weights, A.num_matvecs - start

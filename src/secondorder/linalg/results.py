@@ -206,6 +206,26 @@ class SolveResult(Serializable):
     iterations: int
     num_matvecs: int
     method: str
+    exits: tuple[str, ...] | None = None
+    directions: Tensor | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SubproblemResult(Serializable):
+    r"""An approximate minimizer ``step`` of a trust-region or cubic model of a function.
+
+    ``model_decrease`` is :math:`m(0) - m(s) \ge 0` (:math:`m(s) = g^\top s + \frac12 s^\top H s`,
+    plus :math:`\frac\sigma3\|s\|^3` for the cubic model), computed from the solver's own
+    products; ``exit`` says why the solver stopped (``"residual"``, ``"boundary"``,
+    ``"negative curvature"``, ``"iterations"``, ``"gradient"``, ``"breakdown"``, ``"stationary"``);
+    ``iterations`` and ``num_matvecs`` are its cost.
+    """
+
+    step: Tensor
+    model_decrease: float
+    iterations: int
+    num_matvecs: int
+    exit: str
 
 
 @dataclass(frozen=True, eq=False)

@@ -53,7 +53,11 @@ def _cg(A, B, damping, tol, maxiter):
     return X, residuals, residuals <= tol, it
 
 
-def _minres(A, B, damping, tol, maxiter):
+def _minres(A, B, damping, tol, maxiter, curvature=False, inexactness=None):
+    r"""MINRES on every column; with ``curvature`` (or ``inexactness``) it also keeps :math:`AX`
+    (from the products it makes anyway), stops a column at non-positive curvature or when
+    :math:`\langle b, Ax\rangle \ge (1-\theta)\|b\|^2`, and returns each column's exit and residual.
+    """
     K = B.shape[1]
     zeros = lambda: torch.zeros(K, dtype=B.dtype, device=B.device)  # noqa: E731
     X, W, W2 = torch.zeros_like(B), torch.zeros_like(B), torch.zeros_like(B)
@@ -64,12 +68,16 @@ def _minres(A, B, damping, tol, maxiter):
     cs = -torch.ones(K, dtype=B.dtype, device=B.device)
     phibar = beta.clone()
     active = beta > tol * bnorm
+    tracked = curvature or inexactness is not None
+    if tracked:  # A W, A W2 and A X alongside W, W2 and X; each column's exit and final residual
+        AW, AW2, AX, exits, Rk = torch.zeros_like(B), torch.zeros_like(B), torch.zeros_like(B), [""] * K, B.clone()
     it = 0
     while it < maxiter and bool(active.any()):
         it += 1
         c = active.nonzero().flatten()
         V = Y[:, c] / beta[c]
         Yc = _damped(A, damping, V)
+        AV = Yc if tracked else None
         if it >= 2:
             Yc = Yc - (beta[c] / oldb[c]) * R1[:, c]
         alfa = (V * Yc).sum(0)
@@ -80,6 +88,16 @@ def _minres(A, B, damping, tol, maxiter):
         oldeps = epsln[c]
         delta = cs[c] * dbar[c] + sn[c] * alfa
         gbar = sn[c] * dbar[c] - cs[c] * alfa
+        if curvature:  # c_{k-1} gamma_k^(1) >= 0: the residual r_{k-1} has r^T A r <= 0 (Liu & Roosta 2022)
+            npc = cs[c] * gbar >= 0
+            for j in c[npc].tolist():
+                exits[j], Rk[:, j] = "negative curvature", B[:, j] - AX[:, j]
+            active[c[npc]] = False
+            keep = ~npc
+            c, V, AV, Yc, alfa, beta_c, oldeps, delta, gbar = (
+                x[..., keep] for x in (c, V, AV, Yc, alfa, beta_c, oldeps, delta, gbar))
+            if not c.numel():
+                continue
         epsln[c] = sn[c] * beta_c
         dbar[c] = -cs[c] * beta_c
         gamma = torch.hypot(gbar, beta_c).clamp_min(torch.finfo(B.dtype).eps)
@@ -90,12 +108,24 @@ def _minres(A, B, damping, tol, maxiter):
         W2[:, c] = W[:, c]
         W[:, c] = (V - oldeps * W1 - delta * W2[:, c]) / gamma
         X[:, c] += phi * W[:, c]
+        if tracked:
+            AW1 = AW2[:, c]
+            AW2[:, c] = AW[:, c]
+            AW[:, c] = (AV - oldeps * AW1 - delta * AW2[:, c]) / gamma
+            AX[:, c] += phi * AW[:, c]
         beta[c] = beta_c
         Y[:, c] = Yc
         done = (phibar[c] <= tol * bnorm[c]) | (beta_c <= torch.finfo(B.dtype).eps * bnorm[c])
+        if inexactness is not None:
+            done |= (B[:, c] * AX[:, c]).sum(0) >= (1 - inexactness) * bnorm[c] ** 2
         active[c[done]] = False
     residuals = phibar / bnorm
-    return X, residuals, residuals <= tol, it
+    if not tracked:
+        return X, residuals, residuals <= tol, it
+    for j in range(K):
+        if not exits[j]:
+            exits[j], Rk[:, j] = ("iterations" if bool(active[j]) else "solution"), B[:, j] - AX[:, j]
+    return X, residuals, residuals <= tol, it, tuple(exits), Rk
 
 
 def solve(
@@ -106,8 +136,11 @@ def solve(
     tol: float = 1e-6,
     maxiter: int | None = None,
     progress: bool = False,
+    *,
+    curvature: bool = False,
+    inexactness: float | None = None,
 ) -> SolveResult:
-    """Solve ``(A + damping I) x = b`` for ``b`` ``[P]`` or several right-hand sides ``[P, K]``.
+    r"""Solve ``(A + damping I) x = b`` for ``b`` ``[P]`` or several right-hand sides ``[P, K]``.
 
     Args:
         A: a symmetric operator or dense tensor.
@@ -117,9 +150,22 @@ def solve(
         tol: relative residual tolerance per column.
         maxiter: iteration cap (default ``10 P``, as SciPy: rounding makes CG need more than ``P`` steps).
         progress: show a progress bar of the products on stderr.
+        curvature: (MINRES) stop a column as soon as its Krylov space shows non-positive
+            curvature, MINRES-NPC (Liu & Roosta 2022): at step :math:`k` the test
+            :math:`c_{k-1}\gamma^{(1)}_k \ge 0` of the QR recurrence certifies
+            :math:`r_{k-1}^\top (A+\lambda I) r_{k-1} \le 0`; the column keeps :math:`x_{k-1}` and
+            ``directions`` holds :math:`r_{k-1}`, a descent direction for a gradient
+            :math:`-b` (:math:`b^\top r = \|r\|^2`) of non-positive curvature.
+        inexactness: (MINRES) also stop a column once
+            :math:`\langle b, (A+\lambda I)x\rangle \ge (1-\theta)\|b\|^2`, Newton-MR's inexactness
+            condition (Roosta, Liu, Xu & Mahoney 2018) for :math:`\theta` = ``inexactness``.
 
     Returns:
-        :class:`SolveResult` with ``solution`` shaped like ``b``.
+        :class:`SolveResult` with ``solution`` shaped like ``b``; with ``curvature`` or
+        ``inexactness``, ``exits`` per column (``"solution"``, ``"negative curvature"``,
+        ``"iterations"``) and ``directions``, the final residuals :math:`b - (A+\lambda I)x` (the
+        curvature directions of the columns that met one), shaped like ``b``; both computed from
+        the products the solver makes anyway.
 
     """
     A = working_operator(A)
@@ -130,13 +176,24 @@ def solve(
     if method not in ("cg", "minres"):
         raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
     tolerance(tol)
+    if (curvature or inexactness is not None) and method != "minres":
+        raise ValueError("curvature= and inexactness= are MINRES options: pass method='minres'")
+    if inexactness is not None:
+        tolerance(inexactness, "inexactness")
     maxiter = 10 * P if maxiter is None else positive_int(maxiter, "maxiter")
     B = (b if b.ndim == 2 else b.unsqueeze(1)).to(A.dtype)
+    shaped = (lambda M: M) if b.ndim == 2 else (lambda M: M.squeeze(1))  # noqa: E731
     with ticking(A, progress, maxiter * B.shape[1], f"solve ({method})") as op, torch.no_grad():
         start = op.num_matvecs
-        X, residuals, converged, iterations = (_cg if method == "cg" else _minres)(op, B, float(damping), tol, maxiter)
+        if method == "cg":
+            X, residuals, converged, iterations = _cg(op, B, float(damping), tol, maxiter)
+            exits, directions = None, None
+        else:
+            out = _minres(op, B, float(damping), tol, maxiter, curvature, inexactness)
+            X, residuals, converged, iterations = out[:4]
+            exits, directions = (out[4], shaped(out[5])) if len(out) > 4 else (None, None)
         used = op.num_matvecs - start
     return SolveResult(
-        solution=X if b.ndim == 2 else X.squeeze(1), residuals=residuals, converged=converged,
-        iterations=iterations, num_matvecs=used, method=method,
+        solution=shaped(X), residuals=residuals, converged=converged,
+        iterations=iterations, num_matvecs=used, method=method, exits=exits, directions=directions,
     )
