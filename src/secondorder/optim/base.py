@@ -381,27 +381,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _checked_state(self, state_dict: Any) -> dict:
         """The ``second_order`` entry of ``state_dict`` if the whole state fits this optimizer."""
-        name = type(self).__name__
-        extra = state_dict.get("second_order") if isinstance(state_dict, dict) else None
-        if not isinstance(extra, dict):
-            raise ValueError(f"not a {name} state_dict (no 'second_order' entry)")
-        writer = extra.get("optimizer", name)
-        if writer != name:
-            raise ValueError(f"this state_dict was saved by {writer}, not {name}: load it into a {writer}")
-        groups, saved_groups = self.param_groups, state_dict.get("param_groups", [])
-        if len(groups) != len(saved_groups):
-            raise ValueError(f"the state_dict has {len(saved_groups)} parameter groups, this {name} has {len(groups)}")
-        params: dict[Any, tuple[str, Tensor]] = {}
-        for g, (group, saved) in enumerate(zip(groups, saved_groups)):
-            want, got = set(group) - {"params"}, set(saved) - {"params"}
-            if want != got:
-                raise ValueError(f"parameter group {g} of the state_dict has the hyperparameters {sorted(got)}, "
-                                 f"{name} has {sorted(want)}: it was saved by another optimizer or version")
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(f"parameter group {g} of the state_dict has {len(saved['params'])} parameters, "
-                                 f"this {name}'s has {len(group['params'])}: it was saved on another model")
-            params.update({key: (f"parameter {i} of group {g}", p)
-                           for i, (key, p) in enumerate(zip(saved["params"], group["params"]))})
+        extra, params = check_groups(type(self).__name__, self.param_groups, state_dict)
         for key, state in state_dict.get("state", {}).items():
             if state and key in params:
                 self._check_param_state(*params[key], state)
@@ -426,9 +406,42 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         """The step counters are non-negative integers and the generator state fits the generator."""
         for counter in ("num_steps", "num_curvature_steps", "num_good_steps"):
             validation.non_negative_int(extra.get(counter), f"the state_dict's {counter}")
-        scratch = torch.Generator(device=self.generator.device)
-        try:
-            scratch.set_state(extra.get("generator"))  # type: ignore[arg-type]  # checked here
-        except (TypeError, RuntimeError) as err:
-            raise ValueError(f"the state_dict's generator state does not fit a {self.generator.device.type} "
-                             f"generator ({err})") from err
+        check_generator(self.generator, extra.get("generator"))
+
+
+def check_groups(name: str, groups: list[dict], state_dict: Any) -> tuple[dict, dict[Any, tuple[str, Tensor]]]:
+    """The ``second_order`` entry of a ``state_dict`` for optimizer ``name`` with ``groups``, and
+    the saved parameter keys' (description, parameter), once the writer, the group and parameter
+    counts and every group's hyperparameter names fit (``ValueError`` naming what does not).
+    """
+    extra = state_dict.get("second_order") if isinstance(state_dict, dict) else None
+    if not isinstance(extra, dict):
+        raise ValueError(f"not a {name} state_dict (no 'second_order' entry)")
+    writer = extra.get("optimizer", name)
+    if writer != name:
+        raise ValueError(f"this state_dict was saved by {writer}, not {name}: load it into a {writer}")
+    saved_groups = state_dict.get("param_groups", [])
+    if len(groups) != len(saved_groups):
+        raise ValueError(f"the state_dict has {len(saved_groups)} parameter groups, this {name} has {len(groups)}")
+    params: dict[Any, tuple[str, Tensor]] = {}
+    for g, (group, saved) in enumerate(zip(groups, saved_groups)):
+        want, got = set(group) - {"params"}, set(saved) - {"params"}
+        if want != got:
+            raise ValueError(f"parameter group {g} of the state_dict has the hyperparameters {sorted(got)}, "
+                             f"{name} has {sorted(want)}: it was saved by another optimizer or version")
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(f"parameter group {g} of the state_dict has {len(saved['params'])} parameters, "
+                             f"this {name}'s has {len(group['params'])}: it was saved on another model")
+        params.update({key: (f"parameter {i} of group {g}", p)
+                       for i, (key, p) in enumerate(zip(saved["params"], group["params"]))})
+    return extra, params
+
+
+def check_generator(generator: torch.Generator, state: Any) -> None:
+    """``ValueError`` unless ``state`` is a state of a generator on ``generator``'s device (tried on a scratch one)."""
+    scratch = torch.Generator(device=generator.device)
+    try:
+        scratch.set_state(state)
+    except (TypeError, RuntimeError) as err:
+        raise ValueError(f"the state_dict's generator state does not fit a {generator.device.type} "
+                         f"generator ({err})") from err
