@@ -3,7 +3,7 @@ r"""The sub-problems of trust-region and cubic-regularization methods, matrix-fr
 * :func:`steihaug`: CG-Steihaug (Steihaug 1983; Toint 1981) for the trust-region model
   :math:`\min_s\ m(s) = g^\top s + \frac12 s^\top H s` subject to :math:`\|s\| \le \Delta`.
   Conjugate gradients from ``start`` (zero by default) until the residual
-  :math:`\|\nabla m(s)\|` falls below ``rtol`` times its initial value, or until the iterate would
+  :math:`\|\nabla m(s)\|` falls below ``rtol`` :math:`\|g\|`, or until the iterate would
   leave the ball or meets a direction of non-positive curvature :math:`p^\top H p \le 0`; in the
   last two cases the step goes along :math:`p` to the boundary. A non-zero ``start`` minimizes over
   :math:`s_0 + \mathcal K(H, r_0)`, which contains directions absent from
@@ -68,7 +68,10 @@ def steihaug(A: LinearOperator | Tensor, g: Tensor, radius: float, *, start: Ten
         g: the gradient ``[P]``.
         radius: the trust-region radius :math:`\Delta > 0`.
         start: the first iterate (inside the ball), e.g. a random vector of norm :math:`0.99\Delta`.
-        rtol: stop when :math:`\|\nabla m(s)\| \le` ``rtol`` times its value at ``start``.
+        rtol: stop when :math:`\|\nabla m(s)\| \le` ``rtol`` :math:`\|g\|` (its value at 0; at
+            ``start`` when :math:`g = 0`). Xu et al.'s code measures it against the value at the
+            start, which a random start of norm :math:`0.99\Delta` inflates by
+            :math:`\|Hs_0\|`: with a large radius their CG stops far from the Newton step.
         maxiter: the cap on CG iterations (Xu et al.: 250).
 
     Returns:
@@ -92,7 +95,7 @@ def steihaug(A: LinearOperator | Tensor, g: Tensor, radius: float, *, start: Ten
             Hs = A @ s
         r = -g - Hs
         rr = float(r @ r)
-        stop_at = rtol * math.sqrt(rr)
+        stop_at = rtol * (float(g.norm()) or math.sqrt(rr))
         p, exit, it = r.clone(), "residual", 0
         while rr > 0 and math.sqrt(rr) > stop_at:
             if it == maxiter:

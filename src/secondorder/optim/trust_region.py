@@ -112,6 +112,9 @@ class TrustRegion(_RatioTest):
         cg_rtol, cg_maxiter: CG-Steihaug's relative residual and iteration cap (1e-9, 250).
         random_start: start CG from a random vector of norm :math:`0.99\Delta` (default), so that
             negative curvature the gradient misses is found (saddle escape); False starts at 0.
+            The start's size costs digits: the step :math:`s_0 + \ldots` is summed from a vector
+            of norm :math:`0.99\Delta`, so it carries a rounding error of about
+            :math:`\varepsilon\Delta` (2e-10 at :math:`\Delta = 10^6` in float64).
         max_rejections: consecutive rejected trials before an iteration gives up.
         seed: the generator of the samples and the random starts.
         distributed: ``"auto"``, True, False or a reducer (:mod:`secondorder.optim.subsampled`).
