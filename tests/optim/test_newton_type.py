@@ -285,3 +285,12 @@ def test_gauss_newton_curvature_trains_with_outputs_from_the_closure():
     assert last < 0.8 * first
     with pytest.raises(ValueError, match="losses, outputs"):
         opt.step(per_sample(model, X, y))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_at_a_minimum_no_method_moves_or_loops(name):
+    x = point(1.0, 1.0)  # Rosenbrock's minimum: g = 0 exactly
+    opt = OPTIMIZERS[name]([x])
+    opt.step(lambda idx=None: rosenbrock(x))
+    assert torch.equal(x.detach(), torch.ones(2, dtype=torch.float64))
+    assert not opt.last_step.accepted and opt.last_step.function_evaluations == 0  # no model decrease: no trial

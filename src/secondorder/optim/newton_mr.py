@@ -81,8 +81,12 @@ class NewtonMR(SubsampledNewton):
         slope = float(grad @ direction)
         if not slope < 0:  # no descent along the solution (a capped run): the residual always descends
             npc, direction, slope = True, result.directions, float(grad @ result.directions)
-        alpha, new_loss = (self._forward(closure, params, loss, slope, direction, reducer) if npc
-                           else self._backtrack(closure, params, loss, slope, direction, 1.0, reducer))
+        if not slope < 0:  # a zero gradient (a stationary point of the sample's model): nothing to search
+            alpha, new_loss = 0.0, loss
+        elif npc:
+            alpha, new_loss = self._forward(closure, params, loss, slope, direction, reducer)
+        else:
+            alpha, new_loss = self._backtrack(closure, params, loss, slope, direction, 1.0, reducer)
         accepted = alpha > 0
         if accepted and npc:
             self.curvature_step_size = alpha
