@@ -196,19 +196,26 @@ def _remove_empty(directories: list[Path]) -> None:
             return
 
 
-def _flush(directory: Path) -> None:
-    """Flush the files under ``directory`` and the directory itself to disk (best effort)."""
-    for path in (*sorted(p for p in directory.rglob("*") if p.is_file()), directory):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+def _fsync(path: Path) -> None:
+    """Flush one file or directory entry to disk (best effort)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _flush(directory: Path, files: bool = True) -> None:
+    """Flush the files under ``directory`` (with ``files``) and the directory itself to disk; the
+    renames into a parent need only the parent's own entry flushed, never its other contents.
+    """
+    for path in (*(sorted(p for p in directory.rglob("*") if p.is_file()) if files else ()), directory):
+        _fsync(path)
 
 
 def _write_marker(staging: Path, command: str) -> None:
@@ -232,7 +239,7 @@ def _commit(names: Siblings, command: str) -> None:
         if had_old and not names.out.exists():
             os.rename(names.aside, names.out)  # roll back: the old output, whole
         raise
-    _flush(names.out.parent)
+    _flush(names.out.parent, files=False)
     _step(4)
     if had_old:
         os.rename(names.aside, names.dead)
