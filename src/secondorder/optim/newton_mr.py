@@ -91,7 +91,7 @@ class NewtonMR(SubsampledNewton):
         if accepted and npc:
             self.curvature_step_size = alpha
         return self._record(H, loss=loss, new_loss=new_loss, accepted=accepted, trials=self._costs["functions"],
-                            ratio=math.nan, radius=None, sigma=None, step_size=alpha,
+                            ratio=None, radius=None, sigma=None, step_size=alpha,
                             step_norm=alpha * float(direction.norm()), exit=exit,
                             subproblem_iterations=result.iterations)
 

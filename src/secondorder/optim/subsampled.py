@@ -11,7 +11,9 @@ of one iteration and redrawn at the next.
 The closure convention: ``closure(indices=None)`` returns the **per-sample** losses ``[n]`` of the
 batch (``reduction="none"``), or of the samples ``indices`` (a ``LongTensor`` of positions in the
 batch) only; with ``curvature="gauss-newton"`` it returns ``(losses, outputs)``, the model's
-outputs of those samples. It must not call ``backward``. A step calls it once for the gradient,
+outputs of those samples, the losses computed from that very ``outputs`` tensor (a forward split
+into chunks must join its outputs first: the Gauss-Newton products differentiate the losses
+with respect to it). It must not call ``backward``. A step calls it once for the gradient,
 once on the sample (a graph the curvature products differentiate again) and once per trial point
 under ``torch.no_grad()``.
 
@@ -55,8 +57,8 @@ class NewtonStep(Serializable):
     ``loss`` is the full-batch loss before the step and ``new_loss`` after it (equal when no
     step was taken); ``accepted`` whether the parameters moved; ``trials`` the trial points
     evaluated (trust region and ARC: one per sub-problem; Newton-MR: line-search points);
-    ``ratio`` the last trial's actual over predicted decrease :math:`\rho` (NaN for
-    Newton-MR); ``radius``, ``sigma`` or ``step_size`` the method's parameter after the step;
+    ``ratio`` the last trial's actual over predicted decrease :math:`\rho` (``None`` for
+    Newton-MR, and when no trial had a finite loss and a predicted decrease); ``radius``, ``sigma`` or ``step_size`` the method's parameter after the step;
     ``exit`` the last sub-problem's exit; ``subproblem_iterations`` summed over trials;
     ``hessian_samples`` :math:`|S|` of ``samples``; the costs ``gradient_evaluations``,
     ``function_evaluations``, ``hessian_products`` and ``propagations`` (module docstring).
@@ -66,7 +68,7 @@ class NewtonStep(Serializable):
     new_loss: float
     accepted: bool
     trials: int
-    ratio: float
+    ratio: float | None
     radius: float | None
     sigma: float | None
     step_size: float | None

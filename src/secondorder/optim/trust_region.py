@@ -90,7 +90,7 @@ class _RatioTest(SubsampledNewton):
         assert result is not None, "at least one trial"
         parameters = {"radius": None, "sigma": None, "step_size": None, self.parameter: self._value()}
         return self._record(H, loss=loss, new_loss=new_loss if accepted else loss, accepted=accepted, trials=trials,
-                            ratio=ratio, step_norm=float(result.step.norm()) if accepted else 0.0, exit=result.exit,
+                            ratio=ratio if math.isfinite(ratio) else None, step_norm=float(result.step.norm()) if accepted else 0.0, exit=result.exit,
                             subproblem_iterations=iterations, **parameters)
 
     def _value(self) -> float:
