@@ -1,4 +1,5 @@
-"""``secondorder train``: training with an adaptive batch size from the top Hessian eigenvalue (ABS/ABSA).
+"""``secondorder train``: training with an adaptive batch size from the top Hessian eigenvalue (ABS/ABSA),
+or with a sub-sampled Newton-type optimizer (trust region, ARC, Newton-MR).
 
 Trains with SGD (momentum 0.9) under Yao et al.'s controller (arXiv:1810.01021, the rule of the
 authors' HessianFlow code): after every epoch the top Hessian eigenvalue is measured on a fresh
@@ -6,18 +7,26 @@ batch of training samples; when it has fallen by --ratio since the last increase
 --patience epochs without one, the batch size and the learning rate are multiplied by 2, up to
 --max-batch-size, large batches being reached by gradient accumulation. absa also replaces a
 fraction of every batch by FGSM examples (halved at every increase, none in the second half of
-training); abs does not; fixed keeps --batch-size. Without --model it trains the MNIST-1D CNN.
+training); abs does not; fixed keeps --batch-size. --optimizer trust-region, arc or newton-mr
+trains instead with a sub-sampled Newton-type method (Xu, Roosta & Mahoney; Roosta et al.): one
+step per batch (by default the whole training set, so an epoch is one iteration) with the batch's
+full gradient and loss and the Hessian of a --hessian-fraction sample. Without --model it trains
+the MNIST-1D CNN.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import io
 import json
+import math
+import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -30,16 +39,56 @@ from secondorder.cli.common import (
     device_of,
     output_directory,
     own_problem,
+    user_input,
     wants_own_model,
 )
-from secondorder.data import as_batches
+from secondorder.data import as_batches, call_model, to_device
 from secondorder.environment import describe
+from secondorder.optim import CubicRegularization, NewtonMR, NewtonStep, TrustRegion
+from secondorder.optim.subsampled import CURVATURES, SubsampledNewton
 from secondorder.schedules import AdaptiveBatchSize, AdaptiveBatchTrainer
+from secondorder.validation import MAX_SEED
 
 SCHEDULES = ("absa", "abs", "fixed")
+OPTIMIZERS = ("sgd", "trust-region", "arc", "newton-mr")
 STATE_FILE = "trainer_state.pt"
 CSV_COLUMNS = ("epoch", "batch_size", "lr", "top_eigenvalue", "adversarial_fraction", "train_loss", "test_accuracy",
                "iterations", "test_loss", "steps", "batch_increase")
+NEWTON_EPOCHS = 100
+"""Default --epochs of the Newton-type optimizers (at the default full batch: 100 iterations)."""
+NEWTON_EPOCH_COLUMNS = ("epoch", "iterations", "accepted", "train_loss", "test_loss", "test_accuracy", "radius",
+                        "sigma", "step_size", "propagations", "hessian_products", "seconds")
+NEWTON_STEP_COLUMNS = ("step", "epoch", *(f.name for f in fields(NewtonStep)), "total_propagations", "seconds")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A Newton-type ``--optimizer``: its class, its own option (attribute name) and sub-problem cap."""
+
+    cls: type
+    option: str  # "radius", "sigma" or "inexactness"
+    parameter: str  # the NewtonStep field of the method's state: "radius", "sigma" or "step_size"
+    cap: str  # the constructor argument of the sub-problem's iteration cap
+    solver: str
+
+    def default(self, name: str) -> Any:
+        return inspect.signature(self.cls).parameters[name].default
+
+
+METHODS = {
+    "trust-region": Method(TrustRegion, "radius", "radius", "cg_maxiter", "CG-Steihaug"),
+    "arc": Method(CubicRegularization, "sigma", "sigma", "lanczos_maxiter", "Lanczos"),
+    "newton-mr": Method(NewtonMR, "inexactness", "step_size", "minres_maxiter", "MINRES"),
+}
+SGD_DEFAULTS = {"schedule": "absa", "epochs": 90, "batch_size": 128, "lr": 0.1, "ratio": 2.0, "patience": 10,
+                "lr_decay": 0.2, "warmup_epochs": 0, "eigen_batch": 128, "eigen_matvecs": 20}
+"""The SGD path's defaults, filled in when the option was not given (None on the parser, so that an
+SGD option given with a Newton-type optimizer is refused)."""
+SGD_ONLY = ("schedule", "lr", "max_batch_size", "ratio", "patience", "lr_milestones", "lr_decay", "max_lr",
+            "warmup_epochs", "adversarial_fraction", "adversarial_epochs", "epsilon", "eigen_batch", "eigen_matvecs")
+NEWTON_ONLY = {"radius": ("trust-region",), "sigma": ("arc",), "inexactness": ("newton-mr",),
+               "hessian_fraction": tuple(METHODS), "curvature": tuple(METHODS),
+               "subproblem_iterations": tuple(METHODS)}
 
 EPILOG = """\
 examples:
@@ -50,6 +99,11 @@ examples:
   secondorder train --model mypkg.nets:make --data mypkg.data:train --test-data mypkg.data:test \\
                     --batch-size 64 --lr 0.05 --max-batch-size 4096 --out run/
   secondorder train --epochs 120 --resume run/trainer_state.pt --out run/   continue a run to 120 epochs
+  secondorder train --optimizer trust-region            sub-sampled trust region, 100 full-batch iterations
+  secondorder train --optimizer arc --sigma 10 --hessian-fraction 0.1 --epochs 30
+  secondorder train --optimizer newton-mr --curvature gauss-newton --epochs 50 --out mr/
+  secondorder train --optimizer trust-region --batch-size 500 --epochs 5   8 steps per epoch, on mini-batches
+  secondorder train --optimizer newton-mr --epochs 80 --resume mr/trainer_state.pt --out mr/
 
 the rule (HessianFlow's defaults): eigenvalue on --eigen-batch 128 fresh training samples each
 epoch (Lanczos, eval mode); grow when it is <= reference / --ratio (2) or after --patience (10)
@@ -57,48 +111,129 @@ epochs; the learning rate follows the batch linearly (capped by --max-lr if give
 --lr-decay (0.2) after each of --lr-milestones (default 1/3, 2/3 and 8/9 of --epochs, as 30/60/80
 of 90); FGSM fraction --adversarial-fraction (0.2 for absa), step --epsilon (default 0.005 times
 the range of the training inputs: HessianFlow's 0.005 on [0, 1] images).
-outputs (in --out): epochs.csv (epoch, batch_size, lr, top_eigenvalue, adversarial_fraction,
+outputs of sgd (in --out): epochs.csv (epoch, batch_size, lr, top_eigenvalue, adversarial_fraction,
 train_loss, test_accuracy, iterations, test_loss, steps, batch_increase), schedule.png (batch size,
 top eigenvalue and test accuracy over epochs), summary.json, trainer_state.pt (for --resume).
+
+Newton-type optimizers (Xu, Roosta & Mahoney, Math. Programming 2020 and SDM 2020; Roosta, Liu,
+Xu & Mahoney, arXiv:1810.00303): every step takes the loss and gradient of its whole batch and the
+Hessian (or --curvature gauss-newton: the Gauss-Newton matrix) of a uniform --hessian-fraction
+sample of it (0.05, at least one sample), then solves a sub-problem: trust-region by CG-Steihaug
+within the radius (initial --radius 1), arc the cubic model (initial --sigma 1) by Lanczos, both
+accepting by the ratio of actual to predicted decrease and retrying a rejected step (at most 30
+times); newton-mr runs MINRES to --inexactness 0.01 with an Armijo line search, forward along
+non-positive curvature. --subproblem-iterations caps CG (250), Lanczos (250) or MINRES (200).
+By default the batch is the whole training set (the papers' full gradient), so an epoch is one
+iteration; a smaller --batch-size splits every epoch into reshuffled batches (the last one
+smaller), one step each. The model runs in eval mode (dropout off, BatchNorm on its running
+statistics): the ratio test and the line search compare losses, which must be deterministic.
+--loss MODULE:NAME must also accept reduction='none' (per-sample losses). The schedule options
+(--schedule, --lr, --max-batch-size, --ratio, ..., --epsilon, --eigen-*) belong to sgd and are
+refused, as are the Newton-type options with sgd.
+outputs of the Newton-type optimizers (in --out): steps.csv (one row per step: step, epoch, the
+optimizer's record - loss, new_loss, accepted, trials, ratio, radius, sigma, step_size, step_norm,
+exit, subproblem_iterations, samples, hessian_samples, gradient_evaluations, function_evaluations,
+hessian_products, propagations - then total_propagations and seconds), epochs.csv (epoch,
+iterations, accepted, train_loss, test_loss, test_accuracy, radius, sigma, step_size,
+propagations, hessian_products, seconds; train_loss is the sample-weighted mean of the batches'
+losses after their steps: at the full batch, the training loss at the end of the epoch),
+training.png (training loss against propagations, the method's parameter per step, test accuracy
+per epoch), summary.json (context, final, epochs, and the per-step records under "steps"; a ratio
+without a value - newton-mr's, or a non-finite trial's - is null), trainer_state.pt (model,
+optimizer state, data order and records, for --resume).
 """
 
 
 def add_parser(sub) -> None:
     """Register ``train`` on the subcommand parsers."""
-    t = sub.add_parser("train", help="adaptive batch size from the Hessian (ABS/ABSA) with FGSM mixing",
+    t = sub.add_parser("train", help="adaptive batch size from the Hessian (ABS/ABSA) with FGSM mixing, or "
+                                     "sub-sampled Newton-type training (trust region, ARC, Newton-MR)",
                        description=__doc__.split("\n\n")[1], epilog=EPILOG + FACTORIES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(t)
     t.add_argument_group("evaluation").add_argument(
         "--test-data", metavar="MODULE:FACTORY", help="factory returning test batches (accuracy per epoch)")
-    s = t.add_argument_group("schedule")
-    s.add_argument("--schedule", choices=SCHEDULES, default="absa", help="(default: absa)")
-    s.add_argument("--epochs", type=int, default=90, help="training epochs (default: 90)")
-    s.add_argument("--batch-size", type=int, default=128, help="initial batch size (default: 128)")
-    s.add_argument("--lr", type=float, default=0.1, help="learning rate at --batch-size (default: 0.1)")
+    o = t.add_argument_group("training")
+    o.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                   help="sgd under --schedule, or a sub-sampled Newton-type method (default: sgd)")
+    o.add_argument("--epochs", type=int,
+                   help=f"training epochs (default: 90 with sgd, {NEWTON_EPOCHS} with the Newton-type optimizers, "
+                        "where an epoch at the full batch is one iteration)")
+    o.add_argument("--batch-size", type=int,
+                   help="initial batch size (default: 128) with sgd; the batch of every step with the Newton-type "
+                        "optimizers (default: the whole training set)")
+    s = t.add_argument_group("schedule (--optimizer sgd)")
+    s.add_argument("--schedule", choices=SCHEDULES, help="(default: absa)")
+    s.add_argument("--lr", type=float, help="learning rate at --batch-size (default: 0.1)")
     s.add_argument("--max-batch-size", type=int,
                    help="cap (default: 128 x --batch-size, at most the number of training samples)")
-    s.add_argument("--ratio", type=float, default=2.0, help="eigenvalue decrease that grows the batch (default: 2)")
-    s.add_argument("--patience", type=int, default=10,
+    s.add_argument("--ratio", type=float, help="eigenvalue decrease that grows the batch (default: 2)")
+    s.add_argument("--patience", type=int,
                    help="epochs without growth after which the batch grows anyway, 0 for never (default: 10)")
     s.add_argument("--lr-milestones", metavar="E1,E2,...",
                    help="epochs after which the lr is multiplied by --lr-decay, 'none' for a constant lr "
                         "(default: 1/3, 2/3 and 8/9 of --epochs)")
-    s.add_argument("--lr-decay", type=float, default=0.2, help="(default: 0.2)")
+    s.add_argument("--lr-decay", type=float, help="(default: 0.2)")
     s.add_argument("--max-lr", type=float, help="cap of the linearly scaled learning rate (default: none)")
-    s.add_argument("--warmup-epochs", type=int, default=0, help="linear lr warm-up (default: 0)")
+    s.add_argument("--warmup-epochs", type=int, help="linear lr warm-up (default: 0)")
     s.add_argument("--adversarial-fraction", type=float, help="FGSM fraction (default: 0.2 for absa, else 0)")
     s.add_argument("--adversarial-epochs", type=int, help="epochs with FGSM examples (default: half of --epochs)")
     s.add_argument("--epsilon", type=float, help="FGSM step (default: 0.005 x the range of the training inputs)")
+    n = t.add_argument_group("Newton-type optimizers (--optimizer trust-region, arc, newton-mr)")
+    n.add_argument("--radius", type=float,
+                   help=f"trust-region: initial radius (default: {METHODS['trust-region'].default('radius'):g})")
+    n.add_argument("--sigma", type=float,
+                   help=f"arc: initial cubic regularization sigma (default: {METHODS['arc'].default('sigma'):g})")
+    n.add_argument("--inexactness", type=float,
+                   help=f"newton-mr: MINRES inexactness theta in (0, 1) "
+                        f"(default: {METHODS['newton-mr'].default('inexactness'):g})")
+    n.add_argument("--hessian-fraction", type=float,
+                   help=f"fraction of the batch in each step's Hessian sample, in (0, 1] "
+                        f"(default: {METHODS['arc'].default('hessian_fraction'):g})")
+    n.add_argument("--curvature", choices=CURVATURES, help="Hessian or Gauss-Newton products (default: hessian)")
+    n.add_argument("--subproblem-iterations", type=int, metavar="N",
+                   help="cap on CG / Lanczos / MINRES iterations per sub-problem (default: 250 / 250 / 200)")
     c = t.add_argument_group("computation")
     c.add_argument("--max-micro-batch", type=int, default=128,
                    help="largest forward pass; bigger batches are accumulated (default: 128)")
-    c.add_argument("--eigen-batch", type=int, default=128, help="samples for the eigenvalue (default: 128)")
-    c.add_argument("--eigen-matvecs", type=int, default=20, help="Lanczos products per eigenvalue (default: 20)")
-    c.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and probes (default: 0)")
+    c.add_argument("--eigen-batch", type=int, help="sgd: samples for the eigenvalue (default: 128)")
+    c.add_argument("--eigen-matvecs", type=int, help="sgd: Lanczos products per eigenvalue (default: 20)")
+    c.add_argument("--seed", type=int, default=0,
+                   help="seed of initialisation, data order, probes and Hessian samples (default: 0)")
     c.add_argument("--resume", metavar="PATH", help="trainer_state.pt of an earlier run with the same settings")
     add_output_options(t, "secondorder-train")
     t.set_defaults(run=run)
+
+
+def _options(args: argparse.Namespace) -> None:
+    """Refuse the options of the other optimizers (before any work) and fill in the defaults of the SGD path."""
+    if args.optimizer == "sgd":
+        for name, users in NEWTON_ONLY.items():
+            if getattr(args, name) is not None:
+                raise UsageError(f"{_flag(name)} applies to --optimizer {_either(users)}, not to sgd (the default)")
+        for name, value in SGD_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        return
+    for name in SGD_ONLY:
+        if getattr(args, name) is not None:
+            raise UsageError(f"{_flag(name)} belongs to the SGD schedule (--optimizer sgd); --optimizer "
+                             f"{args.optimizer} has no learning rate, batch schedule or eigenvalue: drop {_flag(name)}")
+    for name, users in NEWTON_ONLY.items():
+        if getattr(args, name) is not None and args.optimizer not in users:
+            own = _flag(METHODS[args.optimizer].option)
+            raise UsageError(f"{_flag(name)} applies to --optimizer {_either(users)}; --optimizer {args.optimizer} "
+                             f"takes {own}")
+    if args.epochs is None:
+        args.epochs = NEWTON_EPOCHS
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _either(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -218,6 +353,9 @@ def _load_state(path: str, device: torch.device) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
         raise UsageError(f"--resume {path}: cannot read it ({type(err).__name__}: {err})") from err
+    if isinstance(state, dict) and isinstance(state.get("newton"), dict):
+        raise UsageError(f"--resume {path} was written by secondorder train --optimizer "
+                         f"{state['newton'].get('optimizer')}: resume it with that --optimizer")
     if not isinstance(state, dict) or not isinstance(state.get("controller"), dict) \
             or not isinstance(state["controller"].get("config"), dict):
         raise UsageError(f"--resume {path} is not a {STATE_FILE} written by secondorder train")
@@ -307,6 +445,9 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
 
 def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
+    _options(args)
+    if args.optimizer != "sgd":
+        return _run_newton(args, tmp)
     _check(args)
     device = device_of(args)
     start = time.perf_counter()
@@ -348,3 +489,327 @@ def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     torch.save(trainer.state_dict(), tmp / STATE_FILE)
     return summary, _table(summary, rows, args.out)
+
+
+# ---- the Newton-type optimizers ----------------------------------------------------------------------
+CONFIG_FLAGS = {"optimizer": "--optimizer", "training samples": "training samples", "batch size": "--batch-size",
+                "radius": "--radius", "sigma": "--sigma", "inexactness": "--inexactness",
+                "hessian fraction": "--hessian-fraction", "curvature": "--curvature",
+                "subproblem iterations": "--subproblem-iterations", "seed": "--seed"}
+"""The settings a resumed Newton-type run must share with the run that wrote its state, and their flags."""
+
+
+def _check_newton(args: argparse.Namespace) -> None:
+    for flag, value in (("--epochs", args.epochs), ("--max-micro-batch", args.max_micro_batch),
+                        ("--batch-size", args.batch_size), ("--subproblem-iterations", args.subproblem_iterations)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--radius", args.radius), ("--sigma", args.sigma)):
+        if value is not None and not 0 < value < math.inf:
+            raise UsageError(f"{flag} must be a positive finite number, got {value}")
+    if args.inexactness is not None and not 0 < args.inexactness < 1:
+        raise UsageError(f"--inexactness must lie in (0, 1), got {args.inexactness}")
+    if args.hessian_fraction is not None and not 0 < args.hessian_fraction <= 1:
+        raise UsageError(f"--hessian-fraction must lie in (0, 1], got {args.hessian_fraction}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must lie in 0..2**62, got {args.seed}")
+    if args.params:
+        raise UsageError("--params does not apply to train: every trainable parameter is trained")
+
+
+def _newton_settings(args: argparse.Namespace, num_samples: int) -> dict:
+    """The resolved settings of a Newton-type run (what --resume checks), with the library's defaults."""
+    method = METHODS[args.optimizer]
+    batch = num_samples if args.batch_size is None else args.batch_size
+    if batch > num_samples:
+        raise UsageError(f"--batch-size {batch} exceeds the {num_samples} training samples: the full batch is the "
+                         f"largest real batch; use --batch-size <= {num_samples} or leave it out (the full batch)")
+    own = getattr(args, method.option)
+    return {"optimizer": args.optimizer, "training samples": num_samples, "batch size": batch,
+            method.option: float(method.default(method.option) if own is None else own),
+            "hessian fraction": float(method.default("hessian_fraction") if args.hessian_fraction is None
+                                      else args.hessian_fraction),
+            "curvature": args.curvature or method.default("curvature"),
+            "subproblem iterations": args.subproblem_iterations or method.default(method.cap), "seed": args.seed}
+
+
+def _newton_optimizer(settings: dict, params: list[torch.Tensor]) -> SubsampledNewton:
+    method = METHODS[settings["optimizer"]]
+    with user_input(f"--optimizer {settings['optimizer']}"):
+        return method.cls(params, **{method.option: settings[method.option]},
+                          **{method.cap: settings["subproblem iterations"]},
+                          hessian_fraction=settings["hessian fraction"], curvature=settings["curvature"],
+                          seed=settings["seed"], distributed=False)
+
+
+def _per_sample(loss_fn: Callable, name: str) -> Callable:
+    """``losses(outputs, targets)``: the per-sample losses ``[n]`` from ``loss_fn(..., reduction="none")``
+    (a sample's further dimensions averaged, as a mean loss averages them).
+    """
+    def losses(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        try:
+            out = loss_fn(outputs, targets, reduction="none")
+        except TypeError as err:
+            raise UsageError(f"--loss {name} takes no reduction='none' ({err}): the Newton-type optimizers need "
+                             "per-sample losses; use a built-in --loss or one with a reduction argument") from err
+        if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != len(targets):
+            shape = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise UsageError(f"--loss {name} with reduction='none' gave {shape}, not one loss per sample "
+                             f"({len(targets)}): the Newton-type optimizers need per-sample losses")
+        return out.reshape(out.shape[0], -1).mean(1) if out.ndim > 1 else out
+    return losses
+
+
+def _check_newton_problem(model: torch.nn.Module, loss_fn: Callable, per_sample: Callable, train, test,
+                          device: torch.device, chunk: int, name: str) -> None:
+    """One forward of a first micro-batch: per-sample losses that average to the mean loss, a test set that fits."""
+    x, y = to_device((train[0][:chunk], train[1][:chunk]), device)
+    with torch.no_grad():
+        out = call_model(model, x)
+        mean, per = loss_fn(out, y), per_sample(out, y)
+        if not bool(torch.isfinite(per).all()):
+            raise UsageError(f"the loss of the first {len(y)} training samples is not finite "
+                             f"({float(per.mean()):.6g}): check the data and the model")
+        if not torch.allclose(per.mean(), mean, rtol=1e-4, atol=1e-6):
+            raise UsageError(f"--loss {name}: its reduction='none' losses average to {float(per.mean()):.6g}, not to "
+                             f"its mean loss {float(mean):.6g}; the Newton-type optimizers need per-sample losses")
+        if test is not None:
+            try:
+                tx, ty = to_device((test[0][:chunk], test[1][:chunk]), device)
+                loss_fn(call_model(model, tx), ty)
+            except Exception as err:
+                raise UsageError(f"the model rejected the first batch of --test-data: {type(err).__name__}: "
+                                 f"{str(err).strip().splitlines()[0]}") from err
+
+
+def _closure(model: torch.nn.Module, per_sample: Callable, x: torch.Tensor, y: torch.Tensor, chunk: int,
+             gauss_newton: bool) -> Callable:
+    """The optimizers' closure on the batch ``(x, y)``: forward passes of at most ``chunk`` samples."""
+    def closure(indices: torch.Tensor | None = None):
+        xs, ys = (x, y) if indices is None else (x[indices.to(x.device)], y[indices.to(y.device)])
+        outs = [call_model(model, xs[s:s + chunk]) for s in range(0, len(xs), chunk)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        losses = per_sample(out, ys)
+        return (losses, out) if gauss_newton else losses
+    return closure
+
+
+def _evaluate(model: torch.nn.Module, loss_fn: Callable, test, device: torch.device,
+              chunk: int) -> tuple[float | None, float | None]:
+    """Mean test loss and, for ``[N, C]`` outputs and class-index targets, accuracy (no grad), as the SGD path."""
+    if test is None:
+        return None, None
+    x, y = test
+    total = correct = 0.0
+    classify = True
+    with torch.no_grad():
+        for start in range(0, len(x), chunk):
+            xb, yb = to_device((x[start:start + chunk], y[start:start + chunk]), device)
+            out = call_model(model, xb)
+            total += float(loss_fn(out, yb)) * len(yb)
+            classify = classify and out.ndim == 2 and yb.ndim == 1 and not yb.is_floating_point()
+            if classify:
+                correct += float((out.argmax(-1) == yb).sum())
+    return total / len(x), (correct / len(x) if classify else None)
+
+
+def _finite(value: Any) -> Any:
+    """A record's value for strict JSON: a non-finite float (Newton-MR's ratio) as None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _load_newton_state(path: str, device: torch.device, optimizer: str) -> dict:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise UsageError(f"--resume {path}: cannot read it ({type(err).__name__}: {err})") from err
+    written = "sgd" if isinstance(state, dict) and isinstance(state.get("controller"), dict) else \
+        state["newton"].get("optimizer") if isinstance(state, dict) and isinstance(state.get("newton"), dict) else None
+    if written is not None and written != optimizer:
+        raise UsageError(f"--resume {path} was written by secondorder train --optimizer {written}: resume it with "
+                         f"that --optimizer")
+    if written is None or not {"model", "optimizer", "order_generator", "epochs", "steps"} <= set(state):
+        raise UsageError(f"--resume {path} is not a {STATE_FILE} written by secondorder train")
+    return state
+
+
+def _resume_newton(state: dict, path: str, settings: dict, epochs: int, model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer, order: torch.Generator) -> None:
+    saved = state["newton"].get("config", {})
+    for key, value in settings.items():
+        if saved.get(key) != value:
+            raise UsageError(f"--resume {path} does not match this run: {CONFIG_FLAGS[key]} {saved.get(key)} there, "
+                             f"{value} here")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        order.set_state(state["order_generator"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as err:
+        raise UsageError(f"--resume {path} does not match this run: {str(err).strip().splitlines()[0]}") from err
+    if len(state["epochs"]) >= epochs:
+        raise UsageError(f"--resume {path} has already trained {len(state['epochs'])} epochs; raise --epochs above that")
+
+
+def _run_newton(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
+    from tqdm import tqdm
+
+    _check_newton(args)
+    device = device_of(args)
+    start = time.perf_counter()
+    model, loss_fn, train, test, context = _problem(args, device)
+    settings = _newton_settings(args, len(train[0]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UsageError("the model has no trainable parameters")
+    name = args.loss if wants_own_model(args) else "cross_entropy"
+    per_sample = _per_sample(loss_fn, name)
+    model.eval()  # a deterministic loss: the ratio test and the line search compare values
+    _check_newton_problem(model, loss_fn, per_sample, train, test, device, args.max_micro_batch, name)
+    optimizer = _newton_optimizer(settings, params)
+    order_generator = torch.Generator().manual_seed(args.seed)
+    epochs: list[dict] = []
+    steps: list[dict] = []
+    if args.resume:
+        state = _load_newton_state(args.resume, device, args.optimizer)
+        _resume_newton(state, args.resume, settings, args.epochs, model, optimizer, order_generator)
+        epochs, steps = list(state["epochs"]), list(state["steps"])
+    method = METHODS[args.optimizer]
+    x, y = to_device((train[0], train[1]), device)
+    n, batch = len(x), settings["batch size"]
+    per_epoch = math.ceil(n / batch)
+    gauss_newton = settings["curvature"] == "gauss-newton"
+    total = steps[-1]["total_propagations"] if steps else 0
+    products = sum(s["hessian_products"] for s in steps)
+    bar = tqdm(total=(args.epochs - len(epochs)) * per_epoch, desc="training", unit="step", disable=args.quiet,
+               leave=False, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for epoch in range(len(epochs) + 1, args.epochs + 1):
+            epoch_start = time.perf_counter()
+            order = None if batch == n else torch.randperm(n, generator=order_generator)
+            weighted, accepted = 0.0, 0
+            for first in range(0, n, batch):
+                if order is None:
+                    bx, by = x, y
+                else:
+                    idx = order[first:first + batch].to(x.device)
+                    bx, by = x[idx], y[idx]
+                step_start = time.perf_counter()
+                try:
+                    optimizer.step(_closure(model, per_sample, bx, by, args.max_micro_batch, gauss_newton))
+                except FloatingPointError as err:
+                    raise UsageError(f"step {len(steps) + 1} (epoch {epoch}): {err}") from err
+                record = optimizer.last_step
+                assert isinstance(record, NewtonStep), "set by every step"
+                total, products = total + record.propagations, products + record.hessian_products
+                steps.append({"step": len(steps) + 1, "epoch": epoch,
+                              **{k: _finite(v) for k, v in record.to_dict().items()},
+                              "total_propagations": total, "seconds": round(time.perf_counter() - step_start, 4)})
+                weighted += record.new_loss * record.samples
+                accepted += record.accepted
+                bar.update()
+                value = getattr(record, method.parameter)
+                bar.set_postfix_str(f"epoch {epoch}/{args.epochs}, loss {record.new_loss:.4f}, "
+                                    f"{method.parameter} {value:.3g}"
+                                    + ("" if not epochs or epochs[-1]["test_accuracy"] is None
+                                       else f", acc {epochs[-1]['test_accuracy']:.3f}"))
+            test_loss, test_accuracy = _evaluate(model, loss_fn, test, device, args.max_micro_batch)
+            last = steps[-1]
+            epochs.append({"epoch": epoch, "iterations": len(steps), "accepted": accepted, "train_loss": weighted / n,
+                           "test_loss": test_loss, "test_accuracy": test_accuracy, "radius": last["radius"],
+                           "sigma": last["sigma"], "step_size": last["step_size"], "propagations": total,
+                           "hessian_products": products, "seconds": round(time.perf_counter() - epoch_start, 3)})
+    finally:
+        bar.close()
+    context.update({
+        "optimizer": f"{method.cls.__name__} (--optimizer {args.optimizer}, sub-problem by {method.solver})",
+        "epochs": args.epochs, "batch size": batch,
+        "batch": "the whole training set (full gradient)" if batch == n else
+        f"{per_epoch} reshuffled batches per epoch" + ("" if n % batch == 0 else f" (the last one {n % batch} samples)"),
+        "hessian fraction": settings["hessian fraction"],
+        "hessian samples per step": batch if settings["hessian fraction"] == 1 else
+        max(1, math.ceil(settings["hessian fraction"] * batch)),
+        "curvature": settings["curvature"],
+        method.option if method.option == "inexactness" else f"initial {method.option}": settings[method.option],
+        "subproblem iterations": settings["subproblem iterations"], "max micro batch": args.max_micro_batch,
+        "model mode": "eval (a deterministic loss for the ratio test and the line search)", "seed": args.seed,
+        "resumed from": args.resume, "machine": describe(device),
+        "total seconds": round(time.perf_counter() - start, 2)})
+    final = epochs[-1]
+    summary = {"context": context,
+               "final": {**{k: final[k] for k in ("test_accuracy", "test_loss", "train_loss", "iterations")},
+                         "accepted": sum(bool(s["accepted"]) for s in steps), "propagations": total,
+                         method.parameter: final[method.parameter]},
+               "epochs": epochs, "steps": steps}
+    (tmp / "steps.csv").write_text(_rows_csv(steps, NEWTON_STEP_COLUMNS))
+    (tmp / "epochs.csv").write_text(_rows_csv(epochs, NEWTON_EPOCH_COLUMNS))
+    _plot_newton(tmp / "training.png", steps, epochs, method.parameter,
+                 f"secondorder train --optimizer {args.optimizer}: {context['model']}")
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
+    torch.save({"newton": {"optimizer": args.optimizer, "config": settings}, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "order_generator": order_generator.get_state(),
+                "epochs": epochs, "steps": steps}, tmp / STATE_FILE)
+    return summary, _newton_table(summary, method, args)
+
+
+def _rows_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
+    return buf.getvalue()
+
+
+def _plot_newton(path: Path, steps: list[dict], epochs: list[dict], parameter: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot([s["total_propagations"] for s in steps], [s["new_loss"] for s in steps], ".-", ms=3, lw=1)
+    rejected = [(s["total_propagations"], s["new_loss"]) for s in steps if not s["accepted"]]
+    if rejected:
+        axes[0].plot(*zip(*rejected), "x", color="tab:red", ms=5, label="no step taken")
+        axes[0].legend(fontsize=8)
+    if all(s["new_loss"] > 0 for s in steps):
+        axes[0].set_yscale("log")
+    axes[0].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))
+    axes[0].set_xlabel("propagations (forward 1, forward + backward 2, per sample)")
+    axes[0].set_ylabel("training loss of the batch after the step")
+    values = [(s["step"], s[parameter]) for s in steps if s[parameter] is not None and s[parameter] > 0]
+    if values:
+        axes[1].plot(*zip(*values), ".-", ms=3, lw=1, color="tab:purple")
+        axes[1].set_yscale("log")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel({"radius": "trust-region radius", "sigma": "cubic regularization sigma",
+                        "step_size": "line-search step size"}[parameter] + " after the step")
+    accuracy = [(r["epoch"], r["test_accuracy"]) for r in epochs if r["test_accuracy"] is not None]
+    if accuracy:
+        axes[2].plot(*zip(*accuracy), "o-", ms=3, color="tab:green")
+        axes[2].set_ylabel("test accuracy")
+    else:
+        axes[2].plot([r["epoch"] for r in epochs], [r["train_loss"] for r in epochs], "o-", ms=3, color="tab:red")
+        axes[2].set_ylabel("train loss")
+    axes[2].set_xlabel("epoch")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _newton_table(summary: dict, method: Method, args: argparse.Namespace) -> str:
+    c, p = summary["context"], method.parameter
+    lines = [f"secondorder train: {c['optimizer']} on {c['model']}, batch {c['batch size']}",
+             f"{'epoch':>5}  {'iterations':>10}  {'accepted':>8}  {'train loss':>10}  {'test acc':>8}  {p:>9}  "
+             f"{'propagations':>12}"]
+    lines += [f"{r['epoch']:>5}  {r['iterations']:>10}  {r['accepted']:>8}  {r['train_loss']:>10.4f}  "
+              f"{_fmt(r['test_accuracy'], '.4f'):>8}  {_fmt(r[p], '.4g'):>9}  {r['propagations']:>12}"
+              for r in summary["epochs"]]
+    f = summary["final"]
+    lines.append(f"final: test accuracy {_fmt(f['test_accuracy'], '.4f')}, {f['iterations']} iterations "
+                 f"({f['accepted']} accepted), {f['propagations']} propagations; outputs: {args.out} (steps.csv, "
+                 f"epochs.csv, training.png, summary.json, {STATE_FILE})")
+    return "\n".join(lines)
