@@ -10,6 +10,7 @@ from secondorder.operators.base import (
     as_operator,
 )
 from secondorder.operators.curvature import CurvatureOperator, GGNOperator, HessianOperator
+from secondorder.operators.kfac import KFACOperator, KroneckerFactors
 from secondorder.operators.risk import EmpiricalRisk, NonFiniteError
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "IdentityOperator",
+    "KFACOperator",
+    "KroneckerFactors",
     "LinearOperator",
     "NonFiniteError",
     "ScaledOperator",

@@ -1,0 +1,318 @@
+r"""Kronecker-factored curvature (K-FAC; Martens & Grosse 2015; KFC for convolutions, Grosse &
+Martens 2016).
+
+For a layer :math:`s = \bar W \bar a` (``nn.Linear``, or ``nn.Conv2d`` on im2col patches, the
+bias joined to the weight through a homogeneous coordinate :math:`\bar a = (a, 1)`), the
+layer's block of the curvature of the mean loss :math:`\frac1N\sum_n \ell_n` is approximated by
+
+.. math:: C_{\text{layer}} \approx S \otimes A,\qquad A = \frac1N\sum_n \frac1T\sum_t \bar a_{nt}\bar a_{nt}^\top,
+          \qquad S = \sum_n\sum_t \sum_c g_{ntc}\, g_{ntc}^\top
+
+(row-major :math:`\mathrm{vec}(\bar W)`, so :math:`(S\otimes A)\,\mathrm{vec}(V) = \mathrm{vec}(S V A)`),
+:math:`T` the spatial positions of a convolution (1 for a linear layer) and :math:`g` the
+back-propagated pre-activation gradients of one of three ``fisher`` types:
+
+* ``"ggn"``: the exact Gauss-Newton factor ("type-2"): the columns of a symmetric square root
+  :math:`M_n M_n^\top = \nabla^2_f \ell` of each sample's output Hessian (of the mean loss, closed
+  form for cross-entropy, MSE, BCE, :mod:`secondorder.operators.output_hessians`), one backward
+  per output dimension. With one sample per batch (or inputs with constant :math:`aa^\top`) it
+  is the exact block-diagonal GGN.
+* ``"mc"``: ``mc_samples`` backwards of the loss at labels drawn from the model's predictive
+  distribution (cross-entropy: softmax; BCE with logits: Bernoulli; MSE: a Gaussian whose Fisher
+  is the output Hessian), :math:`S = N \sum_n g_n g_n^\top` averaged over the draws: an unbiased
+  estimate of the ``"ggn"`` factor, from the operator's (or optimizer's) generator.
+* ``"empirical"``: the same at the true labels (the empirical Fisher; what kfac-pytorch uses).
+
+Over a loader the factors are size-weighted like every other operator here:
+:math:`A = \sum_{n} \bar a\bar a^\top / N` over all samples and :math:`S = \sum_b n_b S_b / N`.
+Layers other than Linear and Conv2d (LayerNorm, embeddings, attention, grouped convolutions)
+are refused by name: select the supported layers with ``params=``. Besides products the
+operator has exact :meth:`KFACOperator.trace`, :meth:`~KFACOperator.logdet`, the eigenpairs of
+its factors and :meth:`~KFACOperator.inverse`, the inverse of the factored-Tikhonov damped
+:math:`(S + \frac{\sqrt\lambda}{\pi} I)\otimes(A + \pi\sqrt\lambda I)` with
+:math:`\pi = \sqrt{(\mathrm{tr}A/\dim A)/(\mathrm{tr}S/\dim S)}` (Martens & Grosse 2015, §6.3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from secondorder import validation
+from secondorder.distributed.reducer import LOCAL, Reducer
+from secondorder.operators.base import Block, LinearOperator
+from secondorder.operators.curvature import _operator_reducer
+from secondorder.operators.output_hessians import _loss_kind, output_hessian
+from secondorder.operators.params import make_blocks, select_parameters
+from secondorder.operators.risk import EmpiricalRisk
+
+FISHER_TYPES = ("ggn", "mc", "empirical")
+
+
+@dataclass(frozen=True)
+class KroneckerFactors:
+    """One layer's factors: ``A`` over its (homogeneous) inputs, ``S`` over its outputs.
+
+    ``weight`` and ``bias`` are the parameters' positions in the operator's parameter list.
+    """
+
+    name: str
+    weight: int
+    bias: int | None
+    A: Tensor
+    S: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        r"""``(d_out, d_in + has bias)``: the joint matrix :math:`\bar W`."""
+        return self.S.shape[0], self.A.shape[0]
+
+
+def supported_layers(model: nn.Module, params: Sequence[Tensor], names: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """The Linear/Conv2d modules owning ``params``; ``ValueError`` naming any parameter another layer owns."""
+    owner = {id(p): (name, m) for name, m in model.named_modules() for p in m.parameters(recurse=False)}
+    layers, seen, unsupported = [], set(), []
+    for p, pname in zip(params, names):
+        name, module = owner[id(p)]
+        ok = isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
+                                               and module.padding_mode == "zeros"
+                                               and not isinstance(module.padding, str))
+        if not ok:
+            unsupported.append(f"{pname} ({type(module).__name__})")
+        elif id(module) not in seen:
+            seen.add(id(module))
+            layers.append((name, module))
+    if unsupported:
+        raise ValueError(f"K-FAC covers nn.Linear and nn.Conv2d (groups=1, numeric zero padding); these parameters belong to "
+                         f"other layers: {', '.join(unsupported)}. Select the supported layers with params=, e.g. "
+                         "params=lambda name, p: not name.startswith('norm')")
+    return layers
+
+
+def _patches(module: nn.Module, x: Tensor) -> Tensor:
+    """The layer's inputs as ``[N, T, d_in (+1)]`` (im2col patches for a convolution)."""
+    if isinstance(module, nn.Conv2d):
+        padding = cast(tuple, module.padding)  # numeric: checked by supported_layers
+        x = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
+    else:
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+    if module.bias is not None:
+        x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+    return x
+
+
+def _output_grads(module: nn.Module, g: Tensor) -> Tensor:
+    """Pre-activation gradients as ``[N, T, d_out]``."""
+    if isinstance(module, nn.Conv2d):
+        return g.flatten(2).transpose(1, 2)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def _sampled_targets(loss_fn: Callable, outputs: Tensor, generator: torch.Generator) -> Tensor:
+    """Labels drawn from the predictive distribution whose Fisher is the loss's output Hessian."""
+    kind = _loss_kind(loss_fn)
+    f = outputs.detach()
+    if kind is not None and kind[0] == "ce" and f.ndim == 2:
+        return torch.multinomial(torch.softmax(f, dim=1), 1, generator=generator).squeeze(1)
+    if kind is not None and kind[0] == "bce_logits":
+        return torch.bernoulli(torch.sigmoid(f), generator=generator)
+    if kind is not None and kind[0] == "mse":  # H = 2/(N C) I: Cov(y) = C/2 makes N E[g g^T] equal it
+        return f + math.sqrt(f[0].numel() / 2) * torch.randn(f.shape, generator=generator, dtype=f.dtype,
+                                                             device=f.device)
+    raise ValueError("fisher='mc' samples labels for nn.CrossEntropyLoss (class targets), nn.BCEWithLogitsLoss and "
+                     "nn.MSELoss (mean reduction); use fisher='ggn' or 'empirical' for other losses")
+
+
+def batch_factors(risk: EmpiricalRisk, layers: list[tuple[str, nn.Module]], batch: Any, index: int, fisher: str,
+                  mc_samples: int, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
+    """One batch's ``(sum over samples of A's terms, n_b S_b)`` per layer: the pure per-batch part."""
+    inputs: dict[int, Tensor] = {}
+    outs: dict[int, Tensor] = {}
+
+    def hook(i):
+        def record(module, args, output):
+            inputs[i], outs[i] = args[0].detach(), output
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            outputs = risk.outputs(batch, index)
+    finally:
+        for h in handles:
+            h.remove()
+    if not isinstance(outputs, Tensor) or outputs.ndim != 2:
+        raise ValueError(f"K-FAC needs the model to return [batch, outputs] logits; batch {index} gave "
+                         f"{list(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__}")
+    n = outputs.shape[0]
+    order = range(len(layers))
+    widths = [cast(Tensor, m.weight).shape[0] for _, m in layers]
+    S = [torch.zeros(d, d, dtype=outputs.dtype, device=outputs.device) for d in widths]
+
+    def add(cotangent: Tensor | None, loss: Tensor | None, scale: float) -> None:
+        grads = torch.autograd.grad([outputs] if loss is None else [loss], [outs[i] for i in order],
+                                    None if loss is not None else [cotangent], retain_graph=True)
+        for i in order:
+            g = _output_grads(layers[i][1], grads[i]).reshape(-1, S[i].shape[0])
+            S[i] += scale * (g.T @ g)
+
+    if fisher == "ggn":
+        C = outputs.shape[1]
+        eye = torch.eye(C, dtype=outputs.dtype, device=outputs.device)
+        HU = output_hessian(risk.loss_fn, outputs, batch[1])(eye.unsqueeze(1).expand(C, n, C).contiguous())
+        lam, Q = torch.linalg.eigh(HU.permute(1, 2, 0))  # per sample [C, C]; symmetric
+        M = Q * lam.clamp_min(0).sqrt().unsqueeze(1)
+        for c in range(C):  # the cotangents carry the mean loss's 1/n: their plain sum is S_b
+            add(M[:, :, c], None, float(n))
+    else:
+        draws = mc_samples if fisher == "mc" else 1
+        for _ in range(draws):
+            targets = _sampled_targets(risk.loss_fn, outputs, generator) if fisher == "mc" else batch[1]
+            add(None, risk.loss_fn(outputs, targets), float(n) * n / draws)
+    A = []
+    for i in order:
+        u = _patches(layers[i][1], inputs[i])
+        A.append(torch.einsum("nti,ntj->ij", u, u) / u.shape[1])
+    return list(zip(A, S))
+
+
+class KFACOperator(LinearOperator):
+    """K-FAC of the data-set mean loss (module docstring), a :class:`LinearOperator` over the
+    selected parameters, one block per layer.
+
+    Args:
+        model, loss_fn, data, params: as :class:`~secondorder.operators.HessianOperator`
+            (``loss_fn(outputs, targets)`` returning a batch's mean loss; the model returns logits
+            ``[batch, outputs]``).
+        fisher: ``"ggn"`` (exact Gauss-Newton factors), ``"mc"`` (sampled labels) or ``"empirical"``.
+        mc_samples: label draws per sample for ``"mc"``.
+        seed: seeds the label draws (and the per-batch dropout masks).
+        distributed: data-parallel (``True`` or a reducer): the factors' sums and the sample
+            count are all-reduced once, so every rank holds the factors of the concatenated data.
+
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, data: Any, params=None, *, fisher: str = "ggn",
+                 mc_samples: int = 1, seed: int = 0, distributed: bool | Reducer = False,
+                 batch_size_fn: Callable[[Any], int] | None = None) -> None:
+        self.fisher = validation.one_of(fisher, "fisher", FISHER_TYPES)
+        mc_samples = validation.positive_int(mc_samples, "mc_samples")
+        named = select_parameters(model, params)
+        self.params: list[Tensor] = [p for _, p in named]
+        layers = supported_layers(model, self.params, [n for n, _ in named])
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for name, m in layers:
+            missing = [f"{name}.{k}" for k, p in m.named_parameters(recurse=False) if id(p) not in index]
+            if missing:
+                raise ValueError(f"K-FAC factors a layer's weight and bias together; select both or neither: "
+                                 f"{', '.join(missing)} not selected")
+        risk = EmpiricalRisk(model, loss_fn, data, False, batch_size_fn, validation.seed(seed))
+        self.reducer = _operator_reducer(distributed)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        sums: list[list[Tensor]] = []
+
+        def visit(i: int, batch: Any, n: int) -> None:
+            found = batch_factors(risk, layers, batch, i, self.fisher, mc_samples, generator)
+            if not sums:
+                sums.extend([list(pair) for pair in found])
+            else:
+                for acc, pair in zip(sums, found):
+                    acc[0] += pair[0]
+                    acc[1] += pair[1]
+
+        local_n = risk.for_each_batch(self.device, visit)
+        flat = [t for pair in sums for t in pair] + [torch.tensor([float(local_n)], dtype=self.dtype, device=self.device)]
+        flat = self.reducer.sum(flat, what="K-FAC factors")
+        total = float(flat[-1])
+        self.factors = tuple(
+            KroneckerFactors(name, index[id(m.weight)], index[id(m.bias)] if m.bias is not None else None,
+                             A=flat[2 * i] / total, S=flat[2 * i + 1] / total)
+            for i, (name, m) in enumerate(layers))
+        self.num_samples = int(total)
+        self._setup(make_blocks(named, "module"))
+
+    @classmethod
+    def from_factors(cls, params: Sequence[Tensor], factors: Sequence[KroneckerFactors],
+                     blocks: tuple[Block, ...]) -> "KFACOperator":
+        """The operator of given factors (e.g. an optimizer's running averages) over ``params``."""
+        op = cls.__new__(cls)
+        op.params, op.factors, op.reducer, op.fisher = list(params), tuple(factors), LOCAL, "given"
+        op.dtype, op.device = op.params[0].dtype, op.params[0].device
+        op._setup(blocks)
+        return op
+
+    def _setup(self, blocks: tuple[Block, ...]) -> None:
+        sizes = [p.numel() for p in self.params]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._slices = [slice(s, s + n) for s, n in zip(starts, sizes)]
+        covered = sorted(i for f in self.factors for i in (f.weight, f.bias) if i is not None)
+        if covered != list(range(len(self.params))):
+            raise ValueError("every parameter must belong to exactly one factored layer")
+        P = sum(sizes)
+        self.shape = (P, P)
+        self.blocks = blocks
+        self.num_matvecs = 0
+
+    # ---- products -------------------------------------------------------------------------
+    def _joint(self, f: KroneckerFactors, V: Tensor) -> Tensor:
+        """Layer ``f``'s rows of ``V`` ``[P, K]`` as ``[K, d_out, d_in (+1)]``."""
+        K, (d_out, _) = V.shape[1], f.shape
+        W = V[self._slices[f.weight]].T.reshape(K, d_out, -1)
+        return W if f.bias is None else torch.cat([W, V[self._slices[f.bias]].T.unsqueeze(2)], dim=2)
+
+    def _scatter(self, f: KroneckerFactors, X: Tensor, out: Tensor) -> None:
+        K = X.shape[0]
+        if f.bias is None:
+            out[self._slices[f.weight]] = X.reshape(K, -1).T
+        else:
+            out[self._slices[f.weight]] = X[:, :, :-1].reshape(K, -1).T
+            out[self._slices[f.bias]] = X[:, :, -1].T
+
+    def _apply(self, V: Tensor, left: Callable[[KroneckerFactors], Tensor],
+               right: Callable[[KroneckerFactors], Tensor]) -> Tensor:
+        out = torch.empty_like(V)
+        for f in self.factors:
+            self._scatter(f, left(f) @ self._joint(f, V) @ right(f), out)
+        return out
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self._apply(V, lambda f: f.S, lambda f: f.A)
+
+    # ---- exact quantities -------------------------------------------------------------------
+    def trace(self) -> float:
+        r""":math:`\sum_{\text{layers}} \mathrm{tr}(S)\,\mathrm{tr}(A)`, exactly."""
+        return float(sum(torch.trace(f.S) * torch.trace(f.A) for f in self.factors))
+
+    def logdet(self) -> float:
+        r""":math:`\sum d_{A}\log\det S + d_{S}\log\det A` (``-inf`` for a singular factor)."""
+        return float(sum(f.A.shape[0] * torch.linalg.slogdet(f.S.double())[1]
+                         + f.S.shape[0] * torch.linalg.slogdet(f.A.double())[1] for f in self.factors))
+
+    def factor_eigendecomposition(self) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        r"""Per layer ``(eigenvalues of A, eigenvectors of A, eigenvalues of S, eigenvectors of S)``;
+        the operator's eigenvalues in a layer are the products :math:`\lambda_S\lambda_A`.
+        """
+        return [(*torch.linalg.eigh(f.A), *torch.linalg.eigh(f.S)) for f in self.factors]
+
+    def inverse(self, damping: float) -> "KFACOperator":
+        """The inverse of the factored-Tikhonov damped operator (module docstring), as an operator."""
+        damping = validation.positive_finite(damping, "damping")
+        inverted = []
+        for f, (la, qa, ls, qs) in zip(self.factors, self.factor_eigendecomposition()):
+            pi = damped_pi(f)
+            a = (qa / (la.clamp_min(0) + pi * math.sqrt(damping))) @ qa.T
+            s = (qs / (ls.clamp_min(0) + math.sqrt(damping) / pi)) @ qs.T
+            inverted.append(replace(f, A=a, S=s))
+        return type(self).from_factors(self.params, inverted, self.blocks)
+
+
+def damped_pi(f: KroneckerFactors) -> float:
+    r"""Martens & Grosse's :math:`\pi = \sqrt{(\mathrm{tr}A/\dim A)/(\mathrm{tr}S/\dim S)}` (1 for a zero factor)."""
+    a, s = float(torch.trace(f.A)) / f.A.shape[0], float(torch.trace(f.S)) / f.S.shape[0]
+    return math.sqrt(a / s) if a > 0 and s > 0 else 1.0
