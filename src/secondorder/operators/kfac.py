@@ -113,72 +113,116 @@ def _output_grads(module: nn.Module, g: Tensor) -> Tensor:
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
 
-def _sampled_targets(loss_fn: Callable, outputs: Tensor, generator: torch.Generator) -> Tensor:
-    """Labels drawn from the predictive distribution whose Fisher is the loss's output Hessian."""
+def _sampled_targets(loss_fn: Callable, outputs: Tensor, generator: torch.Generator, offset: int = 0,
+                     total: int | None = None) -> Tensor:
+    """Labels drawn from the predictive distribution whose Fisher is the loss's output Hessian.
+
+    The random numbers are drawn for a batch of ``total`` samples and this one takes rows
+    ``offset, ..., offset + n - 1``: ranks holding shards of one batch draw the labels that one
+    process draws for the whole batch.
+    """
     kind = _loss_kind(loss_fn)
     f = outputs.detach()
+    n = f.shape[0]
+    rows = slice(offset, offset + n)
+    shape = ((n if total is None else total), *f.shape[1:])
+
+    def uniform(*size: int) -> Tensor:
+        return torch.rand(size, generator=generator, dtype=f.dtype, device=f.device)[rows]
+
     if kind is not None and kind[0] == "ce" and f.ndim == 2:
-        return torch.multinomial(torch.softmax(f, dim=1), 1, generator=generator).squeeze(1)
+        cdf = torch.softmax(f, dim=1).cumsum(1)
+        u = uniform(shape[0]).unsqueeze(1) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u).squeeze(1).clamp_max(f.shape[1] - 1)
     if kind is not None and kind[0] == "bce_logits":
-        return torch.bernoulli(torch.sigmoid(f), generator=generator)
+        return (uniform(*shape) < torch.sigmoid(f)).to(f.dtype)
     if kind is not None and kind[0] == "mse":  # H = 2/(N C) I: Cov(y) = C/2 makes N E[g g^T] equal it
-        return f + math.sqrt(f[0].numel() / 2) * torch.randn(f.shape, generator=generator, dtype=f.dtype,
-                                                             device=f.device)
+        noise = torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)[rows]
+        return f + math.sqrt(f[0].numel() / 2) * noise
     raise ValueError("fisher='mc' samples labels for nn.CrossEntropyLoss (class targets), nn.BCEWithLogitsLoss and "
                      "nn.MSELoss (mean reduction); use fisher='ggn' or 'empirical' for other losses")
+
+
+class Capture:
+    """Records every layer's input and output during the forward passes inside ``with``."""
+
+    def __init__(self, layers: list[tuple[str, nn.Module]]) -> None:
+        self.layers = layers
+        self.inputs: list[Tensor] = [torch.empty(0)] * len(layers)
+        self.outputs: list[Tensor] = [torch.empty(0)] * len(layers)
+
+    def __enter__(self) -> "Capture":
+        def hook(i):
+            def record(module, args, output):
+                self.inputs[i], self.outputs[i] = args[0].detach(), output
+            return record
+
+        self._handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def input_factors(self) -> list[Tensor]:
+        r"""Per layer :math:`\sum_n \frac1T\sum_t \bar a\bar a^\top` of the captured inputs."""
+        out = []
+        for (_, module), x in zip(self.layers, self.inputs):
+            u = _patches(module, x)
+            out.append(torch.einsum("nti,ntj->ij", u, u) / u.shape[1])
+        return out
+
+    def output_factors(self, grads: Sequence[Tensor], scale: float) -> list[Tensor]:
+        r"""Per layer ``scale`` :math:`\sum_{n,t} g g^\top` of gradients w.r.t. the captured outputs."""
+        out = []
+        for (_, module), g in zip(self.layers, grads):
+            g = _output_grads(module, g).reshape(-1, g.shape[1] if isinstance(module, nn.Conv2d) else g.shape[-1])
+            out.append(scale * (g.T @ g))
+        return out
+
+
+def check_logits(outputs: Any, where: str) -> Tensor:
+    """The model's outputs, which K-FAC needs as ``[batch, outputs]`` logits."""
+    if not isinstance(outputs, Tensor) or outputs.ndim != 2:
+        raise ValueError(f"K-FAC needs the model to return [batch, outputs] logits; {where} gave "
+                         f"{list(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__}")
+    return outputs
+
+
+def output_factors(capture: Capture, outputs: Tensor, loss_fn: Callable, fisher: str, targets: Any,
+                   mc_samples: int, generator: torch.Generator, offset: int = 0,
+                   total: int | None = None) -> list[Tensor]:
+    """Per layer :math:`n_b S_b` of one batch (module docstring) from its captured forward."""
+    n = outputs.shape[0]
+
+    def grads(roots: Tensor, cotangent: Tensor | None = None) -> tuple:
+        return torch.autograd.grad([roots], capture.outputs, None if cotangent is None else [cotangent],
+                                   retain_graph=True)
+
+    if fisher == "ggn":
+        C = outputs.shape[1]
+        eye = torch.eye(C, dtype=outputs.dtype, device=outputs.device)
+        HU = output_hessian(loss_fn, outputs, targets)(eye.unsqueeze(1).expand(C, n, C).contiguous())
+        lam, Q = torch.linalg.eigh(HU.permute(1, 2, 0))  # per sample [C, C]; symmetric
+        M = Q * lam.clamp_min(0).sqrt().unsqueeze(1)
+        # the cotangents carry the mean loss's 1/n: their plain sum is S_b
+        parts = [capture.output_factors(grads(outputs, M[:, :, c]), float(n)) for c in range(C)]
+    else:
+        draws = mc_samples if fisher == "mc" else 1
+        parts = []
+        for _ in range(draws):
+            y = _sampled_targets(loss_fn, outputs, generator, offset, total) if fisher == "mc" else targets
+            parts.append(capture.output_factors(grads(loss_fn(outputs, y)), float(n) * n / draws))
+    return [sum(layer[1:], layer[0]) for layer in zip(*parts)]
 
 
 def batch_factors(risk: EmpiricalRisk, layers: list[tuple[str, nn.Module]], batch: Any, index: int, fisher: str,
                   mc_samples: int, generator: torch.Generator) -> list[tuple[Tensor, Tensor]]:
     """One batch's ``(sum over samples of A's terms, n_b S_b)`` per layer: the pure per-batch part."""
-    inputs: dict[int, Tensor] = {}
-    outs: dict[int, Tensor] = {}
-
-    def hook(i):
-        def record(module, args, output):
-            inputs[i], outs[i] = args[0].detach(), output
-        return record
-
-    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
-    try:
-        with torch.enable_grad():
-            outputs = risk.outputs(batch, index)
-    finally:
-        for h in handles:
-            h.remove()
-    if not isinstance(outputs, Tensor) or outputs.ndim != 2:
-        raise ValueError(f"K-FAC needs the model to return [batch, outputs] logits; batch {index} gave "
-                         f"{list(outputs.shape) if isinstance(outputs, Tensor) else type(outputs).__name__}")
-    n = outputs.shape[0]
-    order = range(len(layers))
-    widths = [cast(Tensor, m.weight).shape[0] for _, m in layers]
-    S = [torch.zeros(d, d, dtype=outputs.dtype, device=outputs.device) for d in widths]
-
-    def add(cotangent: Tensor | None, loss: Tensor | None, scale: float) -> None:
-        grads = torch.autograd.grad([outputs] if loss is None else [loss], [outs[i] for i in order],
-                                    None if loss is not None else [cotangent], retain_graph=True)
-        for i in order:
-            g = _output_grads(layers[i][1], grads[i]).reshape(-1, S[i].shape[0])
-            S[i] += scale * (g.T @ g)
-
-    if fisher == "ggn":
-        C = outputs.shape[1]
-        eye = torch.eye(C, dtype=outputs.dtype, device=outputs.device)
-        HU = output_hessian(risk.loss_fn, outputs, batch[1])(eye.unsqueeze(1).expand(C, n, C).contiguous())
-        lam, Q = torch.linalg.eigh(HU.permute(1, 2, 0))  # per sample [C, C]; symmetric
-        M = Q * lam.clamp_min(0).sqrt().unsqueeze(1)
-        for c in range(C):  # the cotangents carry the mean loss's 1/n: their plain sum is S_b
-            add(M[:, :, c], None, float(n))
-    else:
-        draws = mc_samples if fisher == "mc" else 1
-        for _ in range(draws):
-            targets = _sampled_targets(risk.loss_fn, outputs, generator) if fisher == "mc" else batch[1]
-            add(None, risk.loss_fn(outputs, targets), float(n) * n / draws)
-    A = []
-    for i in order:
-        u = _patches(layers[i][1], inputs[i])
-        A.append(torch.einsum("nti,ntj->ij", u, u) / u.shape[1])
-    return list(zip(A, S))
+    with Capture(layers) as capture, torch.enable_grad():
+        outputs = check_logits(risk.outputs(batch, index), f"batch {index}")
+    S = output_factors(capture, outputs, risk.loss_fn, fisher, batch[1], mc_samples, generator)
+    return list(zip(capture.input_factors(), S))
 
 
 class KFACOperator(LinearOperator):
