@@ -340,17 +340,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         self._agreed_world = reducer.size
 
     def _rescale(self, loss_scale: float, found_inf: bool) -> None:
-        """GradScaler's dynamic schedule (backoff on overflow, growth every interval), through its public API."""
-        s = self.grad_scaler
-        assert s is not None, "only called with a GradScaler"
-        if found_inf:
-            new, self.num_good_steps = loss_scale * s.get_backoff_factor(), 0
-        else:
-            self.num_good_steps += 1
-            new = loss_scale
-            if self.num_good_steps == s.get_growth_interval():
-                new, self.num_good_steps = new * s.get_growth_factor(), 0
-        s.update(new)
+        assert self.grad_scaler is not None, "only called with a GradScaler"
+        self.num_good_steps = rescale(self.grad_scaler, loss_scale, found_inf, self.num_good_steps)
 
     # ---- checkpoints --------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -407,6 +398,21 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for counter in ("num_steps", "num_curvature_steps", "num_good_steps"):
             validation.non_negative_int(extra.get(counter), f"the state_dict's {counter}")
         check_generator(self.generator, extra.get("generator"))
+
+
+def rescale(scaler: Any, loss_scale: float, found_inf: bool, good_steps: int) -> int:
+    """GradScaler's dynamic schedule (backoff on overflow, growth every interval), through its public
+    API; returns the count of good steps since the scale last changed.
+    """
+    if found_inf:
+        new, good_steps = loss_scale * scaler.get_backoff_factor(), 0
+    else:
+        good_steps += 1
+        new = loss_scale
+        if good_steps == scaler.get_growth_interval():
+            new, good_steps = new * scaler.get_growth_factor(), 0
+    scaler.update(new)
+    return good_steps
 
 
 def check_groups(name: str, groups: list[dict], state_dict: Any) -> tuple[dict, dict[Any, tuple[str, Tensor]]]:
