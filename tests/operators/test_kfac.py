@@ -6,6 +6,7 @@ trace, log-determinant and spectrum."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -24,10 +25,11 @@ def _spd(n: int, seed: int) -> torch.Tensor:
     return M @ M.T / n + 0.1 * torch.eye(n, dtype=D)
 
 
-def _net(*layers: nn.Module) -> nn.Module:
+def _net(layers: Callable[[], tuple[nn.Module, ...]]) -> nn.Module:
+    """A float64 Sequential of the ``layers()``, built from seed 0 (the global RNG untouched)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return nn.Sequential(*layers).double()
+        return nn.Sequential(*layers()).double()
 
 
 def _block_diagonal(dense: torch.Tensor, blocks) -> torch.Tensor:
@@ -67,7 +69,7 @@ def test_products_are_the_kronecker_product_and_the_inverse_its_damped_inverse()
 
 def test_one_linear_layer_with_squared_loss_is_exactly_the_ggn():
     X, Y = torch.randn(20, 4, generator=gen(3), dtype=D), torch.randn(20, 3, generator=gen(4), dtype=D)
-    layer = _net(nn.Linear(4, 3))
+    layer = _net(lambda: (nn.Linear(4, 3),))
     kfac = KFACOperator(layer, nn.MSELoss(), (X, Y)).to_dense()
     ggn = so.GGNOperator(layer, nn.MSELoss(), (X, Y)).to_dense()
     assert torch.allclose(kfac, ggn, rtol=1e-12, atol=1e-14)
@@ -77,7 +79,7 @@ def test_one_linear_layer_with_squared_loss_is_exactly_the_ggn():
                                           (nn.MSELoss(), torch.zeros(1, 3, dtype=D))], ids=["ce", "mse"])
 def test_one_sample_gives_the_exact_block_diagonal_ggn(loss, target):
     X = torch.randn(1, 4, generator=gen(5), dtype=D)
-    net = _net(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    net = _net(lambda: (nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
     kfac = KFACOperator(net, loss, (X, target))
     ggn = so.GGNOperator(net, loss, (X, target))
     assert torch.allclose(kfac.to_dense(), _block_diagonal(ggn.to_dense(), ggn.blocks), rtol=1e-12, atol=1e-14)
@@ -85,7 +87,7 @@ def test_one_sample_gives_the_exact_block_diagonal_ggn(loss, target):
 
 def test_a_loader_weights_batches_by_size():
     X, y = torch.randn(13, 4, generator=gen(6), dtype=D), torch.randint(0, 3, (13,), generator=gen(7))
-    net = _net(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    net = _net(lambda: (nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
     batches = [(X[:5], y[:5]), (X[5:10], y[5:10]), (X[10:], y[10:])]
     loader, one = KFACOperator(net, nn.CrossEntropyLoss(), batches), KFACOperator(net, nn.CrossEntropyLoss(), (X, y))
     for a, b in zip(loader.factors, one.factors):
@@ -96,7 +98,7 @@ def test_a_loader_weights_batches_by_size():
 
 def test_convolution_factors_are_those_of_an_explicit_im2col():
     X, y = torch.randn(3, 2, 5, 5, generator=gen(8), dtype=D), torch.tensor([0, 2, 1])
-    net = _net(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 3))
+    net = _net(lambda: (nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 3)))
     conv = net[0]
     kfac = KFACOperator(net, nn.CrossEntropyLoss(), (X, y))
     padded = nn.functional.pad(X, (1, 1, 1, 1))
@@ -122,7 +124,7 @@ def test_convolution_factors_are_those_of_an_explicit_im2col():
 
 def test_sampled_label_factors_are_unbiased_for_the_ggn_factors():
     X, y = torch.randn(6, 4, generator=gen(9), dtype=D), torch.randint(0, 3, (6,), generator=gen(10))
-    net = _net(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    net = _net(lambda: (nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
     exact = KFACOperator(net, nn.CrossEntropyLoss(), (X, y)).factors
     draws = torch.stack([torch.stack([f.S.flatten() for f in KFACOperator(
         net, nn.CrossEntropyLoss(), (X, y), fisher="mc", seed=s).factors[1:]]) for s in range(300)])
@@ -134,7 +136,7 @@ def test_sampled_label_factors_are_unbiased_for_the_ggn_factors():
 
 def test_exact_trace_logdet_and_spectrum_and_every_algorithm_runs_on_it():
     X, Y = torch.randn(30, 4, generator=gen(11), dtype=D), torch.randn(30, 3, generator=gen(12), dtype=D)
-    net = _net(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    net = _net(lambda: (nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
     op = KFACOperator(net, nn.MSELoss(), (X, Y))  # positive definite (cross-entropy's S is singular)
     dense = op.to_dense()
     assert torch.allclose(dense, dense.T, atol=1e-15)
@@ -150,7 +152,7 @@ def test_exact_trace_logdet_and_spectrum_and_every_algorithm_runs_on_it():
 
 def test_bad_input_is_refused_by_name():
     X, y = torch.randn(4, 4, dtype=D), torch.tensor([0, 1, 2, 0])
-    normed = _net(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    normed = _net(lambda: (nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)))
     with pytest.raises(ValueError, match=r"1\.weight \(LayerNorm\), 1\.bias \(LayerNorm\)"):
         KFACOperator(normed, nn.CrossEntropyLoss(), (X, y))
     op = KFACOperator(normed, nn.CrossEntropyLoss(), (X, y), params=lambda n, p: not n.startswith("1."))
@@ -160,6 +162,6 @@ def test_bad_input_is_refused_by_name():
     with pytest.raises(ValueError, match="damping"):
         op.inverse(0.0)
     with pytest.raises(ValueError, match="fisher='mc' samples labels"):
-        KFACOperator(_net(nn.Linear(4, 3)), nn.L1Loss(), (X, torch.zeros(4, 3, dtype=D)), fisher="mc")
+        KFACOperator(_net(lambda: (nn.Linear(4, 3),)), nn.L1Loss(), (X, torch.zeros(4, 3, dtype=D)), fisher="mc")
     with pytest.raises(ValueError, match="fisher"):
-        KFACOperator(_net(nn.Linear(4, 3)), nn.CrossEntropyLoss(), (X, y), fisher="kfra")
+        KFACOperator(_net(lambda: (nn.Linear(4, 3),)), nn.CrossEntropyLoss(), (X, y), fisher="kfra")

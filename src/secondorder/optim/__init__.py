@@ -16,6 +16,7 @@ from secondorder.optim.estimators import (
     HutchinsonRademacher,
     StepContext,
 )
+from secondorder.optim.kfac import KFAC
 from secondorder.optim.newton_mr import NewtonMR
 from secondorder.optim.sophia import SophiaG, SophiaH
 from secondorder.optim.subsampled import NewtonStep
@@ -24,6 +25,6 @@ from secondorder.optim.updates import spatial_average
 
 __all__ = [
     "AdaHessian", "CubicRegularization", "CurvatureEstimator", "Estimate", "GaussNewtonBartlett",
-    "HutchinsonGaussian", "HutchinsonRademacher", "NewtonMR", "NewtonStep", "SophiaG", "SophiaH", "StepContext",
+    "HutchinsonGaussian", "HutchinsonRademacher", "KFAC", "NewtonMR", "NewtonStep", "SophiaG", "SophiaH", "StepContext",
     "TrustRegion", "spatial_average",
 ]
