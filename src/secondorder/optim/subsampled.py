@@ -225,7 +225,8 @@ class SubsampledNewton(torch.optim.Optimizer):
         """The full-batch mean loss at the current parameters (NaN counts as a failed trial)."""
         with torch.no_grad():
             losses, _ = losses_of(closure(), self.curvature, "the closure")
-        _, (total, n) = reducer.sum_with_totals(torch.zeros(1, device=losses.device), float(losses.sum()),
+        _, (total, n) = reducer.sum_with_totals(torch.zeros(1, dtype=torch.float64, device=losses.device),
+                                                float(losses.sum()),
                                                 losses.numel(), what="trial loss")
         return total / n
 
