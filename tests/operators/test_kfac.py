@@ -122,6 +122,23 @@ def test_convolution_factors_are_those_of_an_explicit_im2col():
     assert torch.allclose(kfac.factors[0].S, S, rtol=1e-10, atol=1e-14)
 
 
+def test_a_conv1d_has_the_factors_of_the_conv2d_of_height_one():
+    X, y = torch.randn(3, 2, 7, generator=gen(8), dtype=D), torch.tensor([0, 2, 1])
+    net1 = _net(lambda: (nn.Conv1d(2, 3, 3, padding=2, stride=2, dilation=2), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(3 * 4, 3)))
+    net2 = _net(lambda: (nn.Conv2d(2, 3, (1, 3), padding=(0, 2), stride=(1, 2), dilation=(1, 2)), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(3 * 4, 3)))
+    with torch.no_grad():
+        net2[0].weight.copy_(net1[0].weight.unsqueeze(2))
+        net2[0].bias.copy_(net1[0].bias)
+        net2[3].load_state_dict(net1[3].state_dict())
+    one = KFACOperator(net1, nn.CrossEntropyLoss(), (X, y))
+    two = KFACOperator(net2, nn.CrossEntropyLoss(), (X.unsqueeze(2), y))
+    for a, b in zip(one.factors, two.factors):
+        assert torch.allclose(a.A, b.A, rtol=1e-13, atol=1e-15) and torch.allclose(a.S, b.S, rtol=1e-12, atol=1e-15)
+    assert torch.equal(one.to_dense(), two.to_dense())
+
+
 def test_sampled_label_factors_are_unbiased_for_the_ggn_factors():
     X, y = torch.randn(6, 4, generator=gen(9), dtype=D), torch.randint(0, 3, (6,), generator=gen(10))
     net = _net(lambda: (nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))

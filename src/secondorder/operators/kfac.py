@@ -1,7 +1,7 @@
 r"""Kronecker-factored curvature (K-FAC; Martens & Grosse 2015; KFC for convolutions, Grosse &
 Martens 2016).
 
-For a layer :math:`s = \bar W \bar a` (``nn.Linear``, or ``nn.Conv2d`` on im2col patches, the
+For a layer :math:`s = \bar W \bar a` (``nn.Linear``, or ``nn.Conv1d``/``nn.Conv2d`` on im2col patches, the
 bias joined to the weight through a homogeneous coordinate :math:`\bar a = (a, 1)`), the
 layer's block of the curvature of the mean loss :math:`\frac1N\sum_n \ell_n` is approximated by
 
@@ -25,7 +25,7 @@ back-propagated pre-activation gradients of one of three ``fisher`` types:
 
 Over a loader the factors are size-weighted like every other operator here:
 :math:`A = \sum_{n} \bar a\bar a^\top / N` over all samples and :math:`S = \sum_b n_b S_b / N`.
-Layers other than Linear and Conv2d (LayerNorm, embeddings, attention, grouped convolutions)
+Layers other than Linear, Conv1d and Conv2d (LayerNorm, embeddings, attention, grouped convolutions)
 are refused by name: select the supported layers with ``params=``. Besides products the
 operator has exact :meth:`KFACOperator.trace`, :meth:`~KFACOperator.logdet`, the eigenpairs of
 its factors and :meth:`~KFACOperator.inverse`, the inverse of the factored-Tikhonov damped
@@ -52,6 +52,7 @@ from secondorder.operators.params import make_blocks, select_parameters
 from secondorder.operators.risk import EmpiricalRisk
 
 FISHER_TYPES = ("ggn", "mc", "empirical")
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def supported_layers(model: nn.Module, params: Sequence[Tensor], names: Sequence
     layers, seen, unsupported = [], set(), []
     for p, pname in zip(params, names):
         name, module = owner[id(p)]
-        ok = isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1
+        ok = isinstance(module, nn.Linear) or (isinstance(module, CONVOLUTIONS) and module.groups == 1
                                                and module.padding_mode == "zeros"
                                                and not isinstance(module.padding, str))
         if not ok:
@@ -88,7 +89,7 @@ def supported_layers(model: nn.Module, params: Sequence[Tensor], names: Sequence
             seen.add(id(module))
             layers.append((name, module))
     if unsupported:
-        raise ValueError(f"K-FAC covers nn.Linear and nn.Conv2d (groups=1, numeric zero padding); these parameters belong to "
+        raise ValueError(f"K-FAC covers nn.Linear, nn.Conv1d and nn.Conv2d (groups=1, numeric zero padding); these parameters belong to "
                          f"other layers: {', '.join(unsupported)}. Select the supported layers with params=, e.g. "
                          "params=lambda name, p: not name.startswith('norm')")
     return layers
@@ -96,7 +97,10 @@ def supported_layers(model: nn.Module, params: Sequence[Tensor], names: Sequence
 
 def _patches(module: nn.Module, x: Tensor) -> Tensor:
     """The layer's inputs as ``[N, T, d_in (+1)]`` (im2col patches for a convolution)."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.Conv1d):  # a Conv2d of height 1
+        x = F.unfold(x.unsqueeze(2), (1, module.kernel_size[0]), (1, module.dilation[0]),
+                     (0, cast(tuple, module.padding)[0]), (1, module.stride[0])).transpose(1, 2)
+    elif isinstance(module, nn.Conv2d):
         padding = cast(tuple, module.padding)  # numeric: checked by supported_layers
         x = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
     else:
@@ -108,7 +112,7 @@ def _patches(module: nn.Module, x: Tensor) -> Tensor:
 
 def _output_grads(module: nn.Module, g: Tensor) -> Tensor:
     """Pre-activation gradients as ``[N, T, d_out]``."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONVOLUTIONS):
         return g.flatten(2).transpose(1, 2)
     return g.reshape(g.shape[0], -1, g.shape[-1])
 
@@ -176,7 +180,7 @@ class Capture:
         r"""Per layer ``scale`` :math:`\sum_{n,t} g g^\top` of gradients w.r.t. the captured outputs."""
         out = []
         for (_, module), g in zip(self.layers, grads):
-            g = _output_grads(module, g).reshape(-1, g.shape[1] if isinstance(module, nn.Conv2d) else g.shape[-1])
+            g = _output_grads(module, g).reshape(-1, g.shape[1] if isinstance(module, CONVOLUTIONS) else g.shape[-1])
             out.append(scale * (g.T @ g))
         return out
 

@@ -15,7 +15,7 @@ factored-Tikhonov damped factors, :math:`(S + \frac{\sqrt\lambda}\pi I)^{-1}` an
 
 (:math:`\bar G` the gradient of the joint weight and bias, :math:`w` the weight decay, :math:`\kappa`
 ``kl_clip``), then heavy-ball momentum :math:`b \leftarrow \mu b + \nu v`, :math:`\theta \leftarrow \theta - \eta b`.
-Parameters outside Linear and Conv2d layers, excluded with ``params=``, take the same momentum
+Parameters outside Linear and convolution layers, excluded with ``params=``, take the same momentum
 step on their plain gradient (plus weight decay) and are listed in ``plain_parameters``.
 
 The closure returns ``(loss, logits)``: the batch's mean loss and the model's ``[batch, outputs]``
@@ -59,7 +59,7 @@ class KFAC(torch.optim.Optimizer):
     r"""K-FAC (module docstring).
 
     Args:
-        model: the network (its Linear and Conv2d layers are preconditioned).
+        model: the network (its Linear, Conv1d and Conv2d layers are preconditioned).
         loss_fn: the loss (``outputs, targets) -> mean``, for the sampled labels: cross-entropy
             (default), BCE with logits or MSE.
         lr, momentum, weight_decay: the SGD-momentum step on the preconditioned gradient.
