@@ -74,16 +74,19 @@ class KroneckerFactors:
         return self.S.shape[0], self.A.shape[0]
 
 
+def covers(module: nn.Module) -> bool:
+    """Whether K-FAC factors ``module``: Linear, or Conv1d/Conv2d with groups=1 and numeric zero padding."""
+    return isinstance(module, nn.Linear) or (isinstance(module, CONVOLUTIONS) and module.groups == 1
+                                             and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
 def supported_layers(model: nn.Module, params: Sequence[Tensor], names: Sequence[str]) -> list[tuple[str, nn.Module]]:
     """The Linear/Conv2d modules owning ``params``; ``ValueError`` naming any parameter another layer owns."""
     owner = {id(p): (name, m) for name, m in model.named_modules() for p in m.parameters(recurse=False)}
     layers, seen, unsupported = [], set(), []
     for p, pname in zip(params, names):
         name, module = owner[id(p)]
-        ok = isinstance(module, nn.Linear) or (isinstance(module, CONVOLUTIONS) and module.groups == 1
-                                               and module.padding_mode == "zeros"
-                                               and not isinstance(module.padding, str))
-        if not ok:
+        if not covers(module):
             unsupported.append(f"{pname} ({type(module).__name__})")
         elif id(module) not in seen:
             seen.add(id(module))
