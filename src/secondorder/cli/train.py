@@ -35,14 +35,22 @@ from secondorder.cli.common import (
     UsageError,
     add_model_options,
     add_output_options,
-    call_factory,
     device_of,
     output_directory,
-    own_problem,
     user_input,
     wants_own_model,
 )
-from secondorder.data import as_batches, call_model, to_device
+from secondorder.cli.training import (
+    STATE_FILE,
+    evaluate,
+    finite,
+    fmt,
+    load_run_state,
+    problem,
+    resume_run,
+    rows_csv,
+)
+from secondorder.data import call_model, to_device
 from secondorder.environment import describe
 from secondorder.optim import CubicRegularization, NewtonMR, NewtonStep, TrustRegion
 from secondorder.optim.subsampled import CURVATURES, SubsampledNewton
@@ -51,7 +59,6 @@ from secondorder.validation import MAX_SEED
 
 SCHEDULES = ("absa", "abs", "fixed")
 OPTIMIZERS = ("sgd", "trust-region", "arc", "newton-mr")
-STATE_FILE = "trainer_state.pt"
 CSV_COLUMNS = ("epoch", "batch_size", "lr", "top_eigenvalue", "adversarial_fraction", "train_loss", "test_accuracy",
                "iterations", "test_loss", "steps", "batch_increase")
 NEWTON_EPOCHS = 100
@@ -282,42 +289,8 @@ def _milestones(args: argparse.Namespace) -> tuple[int, ...]:
     return milestones
 
 
-def _tensors(data, option: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``(inputs, targets)`` pair of tensors from a batch or a re-iterable of batches."""
-    try:
-        batches = list(as_batches(data))
-    except (TypeError, ValueError) as err:
-        raise UsageError(f"{option}: {err}") from err
-    if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(t, torch.Tensor)
-                                                                                  for t in b) for b in batches):
-        raise UsageError(f"{option} must give (inputs, targets) tensor batches")
-    try:
-        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    except RuntimeError as err:
-        raise UsageError(f"{option}: the batches do not concatenate ({str(err).splitlines()[0]})") from err
 
 
-def _problem(args: argparse.Namespace, device: torch.device):
-    import torch.nn.functional as F
-
-    if wants_own_model(args):
-        model, loss_fn, data, _, context = own_problem(args, device)
-        train = _tensors(data, "--data")
-        test = _tensors(call_factory(args.test_data, "--test-data"), "--test-data") if args.test_data else None
-        context["test data"] = args.test_data or "none"
-        return model, loss_fn, train, test, context
-    if args.test_data:
-        raise UsageError("--test-data needs --model and --data (the default model has its own test set)")
-    from secondorder.datasets import Mnist1dCNN, load_mnist1d
-
-    xtr, ytr, xte, yte = load_mnist1d()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = Mnist1dCNN()
-    context = {"model": f"default: Mnist1dCNN ({sum(p.numel() for p in model.parameters())} parameters), "
-                        f"initialised with seed {args.seed}",
-               "data": f"MNIST-1D ({len(xtr)} train / {len(xte)} test)", "loss": "cross_entropy"}
-    return model.to(device), F.cross_entropy, (xtr, ytr), (xte, yte), context
 
 
 def _controller(args: argparse.Namespace, num_samples: int, saved: dict | None) -> AdaptiveBatchSize:
@@ -353,9 +326,9 @@ def _load_state(path: str, device: torch.device) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
         raise UsageError(f"--resume {path}: cannot read it ({type(err).__name__}: {err})") from err
-    if isinstance(state, dict) and isinstance(state.get("newton"), dict):
+    if isinstance(state, dict) and isinstance(state.get("run"), dict):
         raise UsageError(f"--resume {path} was written by secondorder train --optimizer "
-                         f"{state['newton'].get('optimizer')}: resume it with that --optimizer")
+                         f"{state['run'].get('optimizer')}: resume it with that --optimizer")
     if not isinstance(state, dict) or not isinstance(state.get("controller"), dict) \
             or not isinstance(state["controller"].get("config"), dict):
         raise UsageError(f"--resume {path} is not a {STATE_FILE} written by secondorder train")
@@ -419,8 +392,6 @@ def _plot(path: Path, rows: list[dict], title: str) -> None:
     plt.close(fig)
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
 
 
 def _table(summary: dict, rows: list[dict], out: Path) -> str:
@@ -428,11 +399,11 @@ def _table(summary: dict, rows: list[dict], out: Path) -> str:
     lines = [f"secondorder train: {c['schedule']} on {c['model']}",
              f"{'epoch':>5}  {'batch':>6}  {'lr':>8}  {'top eig':>9}  {'adv':>6}  {'train loss':>10}  "
              f"{'test acc':>8}  {'iterations':>10}  increase"]
-    lines += [f"{r['epoch']:>5}  {r['batch_size']:>6}  {r['lr']:>8.4g}  {_fmt(r['top_eigenvalue'], '>9.4g')}  "
-              f"{r['adversarial_fraction']:>6.3g}  {r['train_loss']:>10.4f}  {_fmt(r['test_accuracy'], '>8.4f')}  "
+    lines += [f"{r['epoch']:>5}  {r['batch_size']:>6}  {r['lr']:>8.4g}  {fmt(r['top_eigenvalue'], '>9.4g')}  "
+              f"{r['adversarial_fraction']:>6.3g}  {r['train_loss']:>10.4f}  {fmt(r['test_accuracy'], '>8.4f')}  "
               f"{r['iterations']:>10}  {r['batch_increase']}" for r in rows]
     f = summary["final"]
-    lines.append(f"final: test accuracy {_fmt(f['test_accuracy'], '.4f')}, {f['iterations']} iterations, batch "
+    lines.append(f"final: test accuracy {fmt(f['test_accuracy'], '.4f')}, {f['iterations']} iterations, batch "
                  f"{f['batch_size']}; outputs: {out} (epochs.csv, schedule.png, summary.json, {STATE_FILE})")
     return "\n".join(lines)
 
@@ -451,7 +422,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     _check(args)
     device = device_of(args)
     start = time.perf_counter()
-    model, loss_fn, train, test, context = _problem(args, device)
+    model, loss_fn, train, test, context = problem(args, device)
     state = _load_state(args.resume, device) if args.resume else None
     controller = _controller(args, len(train[0]), None if state is None else state["controller"]["config"])
     epsilon = args.epsilon
@@ -594,60 +565,12 @@ def _closure(model: torch.nn.Module, per_sample: Callable, x: torch.Tensor, y: t
     return closure
 
 
-def _evaluate(model: torch.nn.Module, loss_fn: Callable, test, device: torch.device,
-              chunk: int) -> tuple[float | None, float | None]:
-    """Mean test loss and, for ``[N, C]`` outputs and class-index targets, accuracy (no grad), as the SGD path."""
-    if test is None:
-        return None, None
-    x, y = test
-    total = correct = 0.0
-    classify = True
-    with torch.no_grad():
-        for start in range(0, len(x), chunk):
-            xb, yb = to_device((x[start:start + chunk], y[start:start + chunk]), device)
-            out = call_model(model, xb)
-            total += float(loss_fn(out, yb)) * len(yb)
-            classify = classify and out.ndim == 2 and yb.ndim == 1 and not yb.is_floating_point()
-            if classify:
-                correct += float((out.argmax(-1) == yb).sum())
-    return total / len(x), (correct / len(x) if classify else None)
 
 
-def _finite(value: Any) -> Any:
-    """A record's value for strict JSON: a non-finite float (Newton-MR's ratio) as None."""
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _load_newton_state(path: str, device: torch.device, optimizer: str) -> dict:
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        raise UsageError(f"--resume {path}: cannot read it ({type(err).__name__}: {err})") from err
-    written = "sgd" if isinstance(state, dict) and isinstance(state.get("controller"), dict) else \
-        state["newton"].get("optimizer") if isinstance(state, dict) and isinstance(state.get("newton"), dict) else None
-    if written is not None and written != optimizer:
-        raise UsageError(f"--resume {path} was written by secondorder train --optimizer {written}: resume it with "
-                         f"that --optimizer")
-    if written is None or not {"model", "optimizer", "order_generator", "epochs", "steps"} <= set(state):
-        raise UsageError(f"--resume {path} is not a {STATE_FILE} written by secondorder train")
-    return state
 
 
-def _resume_newton(state: dict, path: str, settings: dict, epochs: int, model: torch.nn.Module,
-                   optimizer: torch.optim.Optimizer, order: torch.Generator) -> None:
-    saved = state["newton"].get("config", {})
-    for key, value in settings.items():
-        if saved.get(key) != value:
-            raise UsageError(f"--resume {path} does not match this run: {CONFIG_FLAGS[key]} {saved.get(key)} there, "
-                             f"{value} here")
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        order.set_state(state["order_generator"])
-    except (ValueError, RuntimeError, KeyError, TypeError) as err:
-        raise UsageError(f"--resume {path} does not match this run: {str(err).strip().splitlines()[0]}") from err
-    if len(state["epochs"]) >= epochs:
-        raise UsageError(f"--resume {path} has already trained {len(state['epochs'])} epochs; raise --epochs above that")
 
 
 def _run_newton(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
@@ -656,7 +579,7 @@ def _run_newton(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     _check_newton(args)
     device = device_of(args)
     start = time.perf_counter()
-    model, loss_fn, train, test, context = _problem(args, device)
+    model, loss_fn, train, test, context = problem(args, device)
     settings = _newton_settings(args, len(train[0]))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -670,8 +593,8 @@ def _run_newton(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     epochs: list[dict] = []
     steps: list[dict] = []
     if args.resume:
-        state = _load_newton_state(args.resume, device, args.optimizer)
-        _resume_newton(state, args.resume, settings, args.epochs, model, optimizer, order_generator)
+        state = load_run_state(args.resume, device, args.optimizer)
+        resume_run(state, args.resume, settings, CONFIG_FLAGS, args.epochs, model, optimizer, order_generator)
         epochs, steps = list(state["epochs"]), list(state["steps"])
     method = METHODS[args.optimizer]
     x, y = to_device((train[0], train[1]), device)
@@ -702,7 +625,7 @@ def _run_newton(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
                 assert isinstance(record, NewtonStep), "set by every step"
                 total, products = total + record.propagations, products + record.hessian_products
                 steps.append({"step": len(steps) + 1, "epoch": epoch,
-                              **{k: _finite(v) for k, v in record.to_dict().items()},
+                              **{k: finite(v) for k, v in record.to_dict().items()},
                               "total_propagations": total, "seconds": round(time.perf_counter() - step_start, 4)})
                 weighted += record.new_loss * record.samples
                 accepted += record.accepted
@@ -712,7 +635,7 @@ def _run_newton(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
                                     f"{method.parameter} {value:.3g}"
                                     + ("" if not epochs or epochs[-1]["test_accuracy"] is None
                                        else f", acc {epochs[-1]['test_accuracy']:.3f}"))
-            test_loss, test_accuracy = _evaluate(model, loss_fn, test, device, args.max_micro_batch)
+            test_loss, test_accuracy = evaluate(model, loss_fn, test, device, args.max_micro_batch)
             last = steps[-1]
             epochs.append({"epoch": epoch, "iterations": len(steps), "accepted": accepted, "train_loss": weighted / n,
                            "test_loss": test_loss, "test_accuracy": test_accuracy, "radius": last["radius"],
@@ -740,24 +663,17 @@ def _run_newton(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
                          "accepted": sum(bool(s["accepted"]) for s in steps), "propagations": total,
                          method.parameter: final[method.parameter]},
                "epochs": epochs, "steps": steps}
-    (tmp / "steps.csv").write_text(_rows_csv(steps, NEWTON_STEP_COLUMNS))
-    (tmp / "epochs.csv").write_text(_rows_csv(epochs, NEWTON_EPOCH_COLUMNS))
+    (tmp / "steps.csv").write_text(rows_csv(steps, NEWTON_STEP_COLUMNS))
+    (tmp / "epochs.csv").write_text(rows_csv(epochs, NEWTON_EPOCH_COLUMNS))
     _plot_newton(tmp / "training.png", steps, epochs, method.parameter,
                  f"secondorder train --optimizer {args.optimizer}: {context['model']}")
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    torch.save({"newton": {"optimizer": args.optimizer, "config": settings}, "model": model.state_dict(),
+    torch.save({"run": {"optimizer": args.optimizer, "config": settings}, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "order_generator": order_generator.get_state(),
                 "epochs": epochs, "steps": steps}, tmp / STATE_FILE)
     return summary, _newton_table(summary, method, args)
 
 
-def _rows_csv(rows: list[dict], columns: tuple[str, ...]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in columns})
-    return buf.getvalue()
 
 
 def _plot_newton(path: Path, steps: list[dict], epochs: list[dict], parameter: str, title: str) -> None:
@@ -806,10 +722,10 @@ def _newton_table(summary: dict, method: Method, args: argparse.Namespace) -> st
              f"{'epoch':>5}  {'iterations':>10}  {'accepted':>8}  {'train loss':>10}  {'test acc':>8}  {p:>9}  "
              f"{'propagations':>12}"]
     lines += [f"{r['epoch']:>5}  {r['iterations']:>10}  {r['accepted']:>8}  {r['train_loss']:>10.4f}  "
-              f"{_fmt(r['test_accuracy'], '.4f'):>8}  {_fmt(r[p], '.4g'):>9}  {r['propagations']:>12}"
+              f"{fmt(r['test_accuracy'], '.4f'):>8}  {fmt(r[p], '.4g'):>9}  {r['propagations']:>12}"
               for r in summary["epochs"]]
     f = summary["final"]
-    lines.append(f"final: test accuracy {_fmt(f['test_accuracy'], '.4f')}, {f['iterations']} iterations "
+    lines.append(f"final: test accuracy {fmt(f['test_accuracy'], '.4f')}, {f['iterations']} iterations "
                  f"({f['accepted']} accepted), {f['propagations']} propagations; outputs: {args.out} (steps.csv, "
                  f"epochs.csv, training.png, summary.json, {STATE_FILE})")
     return "\n".join(lines)
