@@ -153,7 +153,7 @@ def test_resume_errors(project, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--optimizer", "arc", "--lr", "0.1"], "--lr belongs to the SGD schedule (--optimizer sgd)"),
+    (["--optimizer", "arc", "--lr", "0.1"], "--lr applies to --optimizer sgd or kfac; --optimizer arc takes --sigma"),
     (["--optimizer", "trust-region", "--schedule", "fixed"], "--schedule belongs to the SGD schedule"),
     (["--optimizer", "newton-mr", "--max-batch-size", "32"], "--max-batch-size belongs to the SGD schedule"),
     (["--optimizer", "arc", "--eigen-matvecs", "5"], "--eigen-matvecs belongs to the SGD schedule"),
@@ -198,7 +198,7 @@ def test_help_teaches_the_newton_options(capsys):
         main(["train", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for needle in ("--optimizer {sgd,trust-region,arc,newton-mr}", "secondorder train --optimizer trust-region",
+    for needle in ("--optimizer {sgd,trust-region,arc,newton-mr,kfac}", "secondorder train --optimizer trust-region",
                    "--resume mr/trainer_state.pt", "steps.csv", "--hessian-fraction", "--subproblem-iterations",
                    "whole training set"):
         assert needle in text, needle

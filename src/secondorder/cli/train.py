@@ -1,5 +1,5 @@
 """``secondorder train``: training with an adaptive batch size from the top Hessian eigenvalue (ABS/ABSA),
-or with a sub-sampled Newton-type optimizer (trust region, ARC, Newton-MR).
+with a sub-sampled Newton-type optimizer (trust region, ARC, Newton-MR), or with K-FAC.
 
 Trains with SGD (momentum 0.9) under Yao et al.'s controller (arXiv:1810.01021, the rule of the
 authors' HessianFlow code): after every epoch the top Hessian eigenvalue is measured on a fresh
@@ -10,7 +10,8 @@ fraction of every batch by FGSM examples (halved at every increase, none in the 
 training); abs does not; fixed keeps --batch-size. --optimizer trust-region, arc or newton-mr
 trains instead with a sub-sampled Newton-type method (Xu, Roosta & Mahoney; Roosta et al.): one
 step per batch (by default the whole training set, so an epoch is one iteration) with the batch's
-full gradient and loss and the Hessian of a --hessian-fraction sample. Without --model it trains
+full gradient and loss and the Hessian of a --hessian-fraction sample. --optimizer kfac trains with
+K-FAC (Kronecker-factored natural gradient) on reshuffled mini-batches. Without --model it trains
 the MNIST-1D CNN.
 """
 
@@ -30,6 +31,7 @@ from typing import Any, Callable
 
 import torch
 
+from secondorder.cli import train_kfac
 from secondorder.cli.common import (
     FACTORIES_HELP,
     UsageError,
@@ -58,7 +60,7 @@ from secondorder.schedules import AdaptiveBatchSize, AdaptiveBatchTrainer
 from secondorder.validation import MAX_SEED
 
 SCHEDULES = ("absa", "abs", "fixed")
-OPTIMIZERS = ("sgd", "trust-region", "arc", "newton-mr")
+OPTIMIZERS = ("sgd", "trust-region", "arc", "newton-mr", "kfac")
 CSV_COLUMNS = ("epoch", "batch_size", "lr", "top_eigenvalue", "adversarial_fraction", "train_loss", "test_accuracy",
                "iterations", "test_loss", "steps", "batch_increase")
 NEWTON_EPOCHS = 100
@@ -91,11 +93,16 @@ SGD_DEFAULTS = {"schedule": "absa", "epochs": 90, "batch_size": 128, "lr": 0.1, 
                 "lr_decay": 0.2, "warmup_epochs": 0, "eigen_batch": 128, "eigen_matvecs": 20}
 """The SGD path's defaults, filled in when the option was not given (None on the parser, so that an
 SGD option given with a Newton-type optimizer is refused)."""
-SGD_ONLY = ("schedule", "lr", "max_batch_size", "ratio", "patience", "lr_milestones", "lr_decay", "max_lr",
+SGD_ONLY = ("schedule", "max_batch_size", "ratio", "patience", "lr_milestones", "lr_decay", "max_lr",
             "warmup_epochs", "adversarial_fraction", "adversarial_epochs", "epsilon", "eigen_batch", "eigen_matvecs")
 NEWTON_ONLY = {"radius": ("trust-region",), "sigma": ("arc",), "inexactness": ("newton-mr",),
                "hessian_fraction": tuple(METHODS), "curvature": tuple(METHODS),
                "subproblem_iterations": tuple(METHODS)}
+USERS = {**{name: ("sgd",) for name in SGD_ONLY}, "lr": ("sgd", "kfac"), **NEWTON_ONLY,
+         **{name: ("kfac",) for name in train_kfac.OPTIONS}}
+"""The optimizers that take each optimizer-specific option (the others refuse it)."""
+OWN = {"sgd": "--schedule", "trust-region": "--radius", "arc": "--sigma", "newton-mr": "--inexactness",
+       "kfac": "--lr and --damping"}
 
 EPILOG = """\
 examples:
@@ -111,6 +118,8 @@ examples:
   secondorder train --optimizer newton-mr --curvature gauss-newton --epochs 50 --out mr/
   secondorder train --optimizer trust-region --batch-size 500 --epochs 5   8 steps per epoch, on mini-batches
   secondorder train --optimizer newton-mr --epochs 80 --resume mr/trainer_state.pt --out mr/
+  secondorder train --optimizer kfac                    K-FAC, 30 epochs of batch 128, lr 0.01, damping 1e-3
+  secondorder train --optimizer kfac --batch-size 1024 --lr 0.05 --damping 0.01 --fisher empirical
 
 the rule (HessianFlow's defaults): eigenvalue on --eigen-batch 128 fresh training samples each
 epoch (Lanczos, eval mode); grow when it is <= reference / --ratio (2) or after --patience (10)
@@ -148,13 +157,25 @@ training.png (training loss against propagations, the method's parameter per ste
 per epoch), summary.json (context, final, epochs, and the per-step records under "steps"; a ratio
 without a value - newton-mr's, or a non-finite trial's - is null), trainer_state.pt (model,
 optimizer state, data order and records, for --resume).
+
+K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convolutions): the Linear, Conv1d and Conv2d
+layers' curvature as Kronecker products of input and output-gradient factors (--fisher mc: labels
+sampled from the model, the Fisher; empirical: the true labels; ggn: exact Gauss-Newton), in
+running averages (--factor-decay 0.95) refreshed every --factor-every 10 steps and inverted with
+factored Tikhonov damping (--damping 1e-3) every --inverse-every 100 steps; the step is clipped to
+a KL of --kl-clip 1e-3 and taken with --momentum 0.9 and --weight-decay 0 at --lr 0.01. Other
+parameters take the plain momentum step. One step is one forward of the whole --batch-size (128)
+batch (no accumulation); reshuffled every epoch, the last batch smaller. outputs of kfac (in --out):
+steps.csv (step, epoch, loss, factor_update, inverse_update, seconds), epochs.csv (epoch,
+iterations, train_loss - the sample-weighted mean of the batch losses before their steps -,
+test_loss, test_accuracy, seconds), training.png, summary.json, trainer_state.pt (for --resume).
 """
 
 
 def add_parser(sub) -> None:
     """Register ``train`` on the subcommand parsers."""
-    t = sub.add_parser("train", help="adaptive batch size from the Hessian (ABS/ABSA) with FGSM mixing, or "
-                                     "sub-sampled Newton-type training (trust region, ARC, Newton-MR)",
+    t = sub.add_parser("train", help="adaptive batch size from the Hessian (ABS/ABSA) with FGSM mixing, "
+                                     "sub-sampled Newton-type training (trust region, ARC, Newton-MR), or K-FAC",
                        description=__doc__.split("\n\n")[1], epilog=EPILOG + FACTORIES_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(t)
@@ -162,16 +183,17 @@ def add_parser(sub) -> None:
         "--test-data", metavar="MODULE:FACTORY", help="factory returning test batches (accuracy per epoch)")
     o = t.add_argument_group("training")
     o.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                   help="sgd under --schedule, or a sub-sampled Newton-type method (default: sgd)")
+                   help="sgd under --schedule, a sub-sampled Newton-type method, or kfac (default: sgd)")
     o.add_argument("--epochs", type=int,
                    help=f"training epochs (default: 90 with sgd, {NEWTON_EPOCHS} with the Newton-type optimizers, "
-                        "where an epoch at the full batch is one iteration)")
+                        f"where an epoch at the full batch is one iteration, {train_kfac.EPOCHS} with kfac)")
     o.add_argument("--batch-size", type=int,
                    help="initial batch size (default: 128) with sgd; the batch of every step with the Newton-type "
-                        "optimizers (default: the whole training set)")
+                        f"optimizers (default: the whole training set) and kfac (default: {train_kfac.BATCH_SIZE})")
     s = t.add_argument_group("schedule (--optimizer sgd)")
     s.add_argument("--schedule", choices=SCHEDULES, help="(default: absa)")
-    s.add_argument("--lr", type=float, help="learning rate at --batch-size (default: 0.1)")
+    s.add_argument("--lr", type=float, help="learning rate at --batch-size (default: 0.1); also kfac's "
+                                            f"(default: {train_kfac.default('lr'):g})")
     s.add_argument("--max-batch-size", type=int,
                    help="cap (default: 128 x --batch-size, at most the number of training samples)")
     s.add_argument("--ratio", type=float, help="eigenvalue decrease that grows the batch (default: 2)")
@@ -200,6 +222,7 @@ def add_parser(sub) -> None:
     n.add_argument("--curvature", choices=CURVATURES, help="Hessian or Gauss-Newton products (default: hessian)")
     n.add_argument("--subproblem-iterations", type=int, metavar="N",
                    help="cap on CG / Lanczos / MINRES iterations per sub-problem (default: 250 / 250 / 200)")
+    train_kfac.add_options(t)
     c = t.add_argument_group("computation")
     c.add_argument("--max-micro-batch", type=int, default=128,
                    help="largest forward pass; bigger batches are accumulated (default: 128)")
@@ -214,25 +237,24 @@ def add_parser(sub) -> None:
 
 def _options(args: argparse.Namespace) -> None:
     """Refuse the options of the other optimizers (before any work) and fill in the defaults of the SGD path."""
+    for name, users in USERS.items():
+        if getattr(args, name) is not None and args.optimizer not in users:
+            raise UsageError(_refusal(_flag(name), users, args.optimizer))
     if args.optimizer == "sgd":
-        for name, users in NEWTON_ONLY.items():
-            if getattr(args, name) is not None:
-                raise UsageError(f"{_flag(name)} applies to --optimizer {_either(users)}, not to sgd (the default)")
         for name, value in SGD_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
-        return
-    for name in SGD_ONLY:
-        if getattr(args, name) is not None:
-            raise UsageError(f"{_flag(name)} belongs to the SGD schedule (--optimizer sgd); --optimizer "
-                             f"{args.optimizer} has no learning rate, batch schedule or eigenvalue: drop {_flag(name)}")
-    for name, users in NEWTON_ONLY.items():
-        if getattr(args, name) is not None and args.optimizer not in users:
-            own = _flag(METHODS[args.optimizer].option)
-            raise UsageError(f"{_flag(name)} applies to --optimizer {_either(users)}; --optimizer {args.optimizer} "
-                             f"takes {own}")
-    if args.epochs is None:
-        args.epochs = NEWTON_EPOCHS
+    elif args.epochs is None:
+        args.epochs = train_kfac.EPOCHS if args.optimizer == "kfac" else NEWTON_EPOCHS
+
+
+def _refusal(flag: str, users: tuple[str, ...], optimizer: str) -> str:
+    if users == ("sgd",):
+        return (f"{flag} belongs to the SGD schedule (--optimizer sgd); --optimizer {optimizer} has no batch schedule "
+                f"or eigenvalue: drop {flag}")
+    if optimizer == "sgd":
+        return f"{flag} applies to --optimizer {_either(users)}, not to sgd (the default)"
+    return f"{flag} applies to --optimizer {_either(users)}; --optimizer {optimizer} takes {OWN[optimizer]}"
 
 
 def _flag(name: str) -> str:
@@ -417,6 +439,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
 def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     _options(args)
+    if args.optimizer == "kfac":
+        return train_kfac.run_kfac(args, tmp)
     if args.optimizer != "sgd":
         return _run_newton(args, tmp)
     _check(args)
