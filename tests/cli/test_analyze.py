@@ -49,6 +49,20 @@ def test_several_checkpoints_give_the_evolution(project, capsys):
     assert "Top eigenvalues" in capsys.readouterr().out
 
 
+def test_kfac_beside_the_gauss_newton_matrix(project, capsys):
+    root, clinets = project
+    assert main(own("--curvature", "kfac", "--kfac-probes", "12", "--no-landscape", "--out", "rep")) == 0
+    printed = capsys.readouterr().out
+    assert "K-FAC against the Gauss-Newton matrix" in printed and "ggn, compared with its K-FAC" in printed
+    saved = HessianAnalysis.from_dict(json.loads((root / "rep" / "summary.json").read_text())["analysis"])
+    api = analyze(clinets.make_net(), F.cross_entropy, clinets.batches(), curvature="kfac", top_k=2, trace_matvecs=9,
+                  slq_probes=1, slq_steps=8, max_matvecs=300, landscape=False, kfac_probes=12, seed=0)
+    assert saved.kfac == api.kfac and saved.kfac.num_probes == 12
+    assert "K-FAC per layer" in (root / "rep" / "report.md").read_text()
+    assert main(own("--curvature", "kfac", "--kfac-probes", "1", "--out", "bad")) == 2
+    assert "--kfac-probes must be >= 2" in capsys.readouterr().err and not (root / "bad").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope_module:make", "--data", "clinets:batches"], "cannot import 'nope_module'"),
     (["--model", "clinets", "--data", "clinets:batches"], "must look like MODULE:NAME"),

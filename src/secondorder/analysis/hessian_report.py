@@ -11,7 +11,10 @@ r"""The Hessian report of a trained network: what PyHessian computes (Yao, Ghola
 * the spectral density by stochastic Lanczos quadrature (Ghorbani, Krishnan, Xiao 2019);
 * per layer (diagonal block :math:`C_{bb}`): trace from the same probes, trace per parameter
   (HAWQ-V2's sensitivity) and top eigenvalue (HAWQ-V1's);
-* optionally the 1-D and 2-D loss landscapes along the top eigenvectors and random directions.
+* optionally the 1-D and 2-D loss landscapes along the top eigenvectors and random directions;
+* with ``curvature="kfac"``, all of the above for the Gauss-Newton matrix and, side by side, its
+  K-FAC approximation (:mod:`secondorder.analysis.kfac_comparison`: exact traces and top
+  eigenvalues of K-FAC, whole and per layer, and the relative Frobenius distance).
 
 The result is a frozen :class:`HessianAnalysis` that serializes to JSON and loads back.
 """
@@ -27,10 +30,12 @@ from typing import Any, Callable, cast
 
 import torch
 
+from secondorder.analysis.kfac_comparison import KFACComparison, compare_kfac
 from secondorder.analysis.landscape import Landscape1D, Landscape2D, landscape_1d, landscape_2d, random_directions
 from secondorder.linalg import block_eigenvalues, eigenvalues, spectral_density, trace
 from secondorder.linalg.results import EigenResult, Serializable, SpectralDensityResult, TraceResult, jsonable
 from secondorder.operators.curvature import GGNOperator, HessianOperator
+from secondorder.operators.kfac import KFACOperator
 from secondorder.validation import non_negative_int, positive_int
 
 __all__ = ["HessianAnalysis", "LayerStats", "analyze"]
@@ -74,6 +79,7 @@ class HessianAnalysis(Serializable):
     seed: int
     seconds: float
     num_matvecs: int
+    kfac: KFACComparison | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "HessianAnalysis":
@@ -164,6 +170,7 @@ def analyze(
     max_matvecs: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    kfac_probes: int = 30,
     **operator_kwargs: Any,
 ) -> HessianAnalysis:
     """The Hessian report of ``model`` under ``loss_fn`` on ``data`` (see the module docstring).
@@ -171,17 +178,24 @@ def analyze(
     ``data`` and ``params`` are as for :class:`~secondorder.HessianOperator` (one batch or a
     re-iterable of batches; names, prefixes or a filter); ``operator_kwargs`` go to the operator
     (``closure=True``, ``chunk_size``, ``blocks="parameter"``, ...). ``curvature`` is
-    ``"hessian"`` or ``"ggn"``. ``max_matvecs`` caps each Lanczos run (bottom eigenvalues of a
+    ``"hessian"``, ``"ggn"`` or ``"kfac"`` (the GGN's report and K-FAC beside it, ``kfac_probes``
+    products for their distance). ``max_matvecs`` caps each Lanczos run (bottom eigenvalues of a
     network converge slowly; unconverged ones are flagged, not hidden). ``landscape=False``
     skips the loss surfaces. Every random choice comes from ``seed``; the model is left as it was.
     """
-    if curvature not in ("hessian", "ggn"):
-        raise ValueError(f"curvature must be 'hessian' or 'ggn', got {curvature!r}")
+    if curvature not in ("hessian", "ggn", "kfac"):
+        raise ValueError(f"curvature must be 'hessian', 'ggn' or 'kfac', got {curvature!r}")
     for name, value in (("top_k", top_k), ("trace_matvecs", trace_matvecs), ("slq_probes", slq_probes),
                         ("slq_steps", slq_steps)):
         positive_int(value, name)
     non_negative_int(bottom_k, "bottom_k")
+    if curvature == "kfac" and positive_int(kfac_probes, "kfac_probes") < 2:
+        raise ValueError(f"kfac_probes must be >= 2 (for a standard error), got {kfac_probes}")
     start = time.perf_counter()
+    kfac = None
+    if curvature == "kfac":  # first: an unsupported layer is refused before any GGN work
+        shared = {k: v for k, v in operator_kwargs.items() if k in ("distributed", "batch_size_fn")}
+        kfac = KFACOperator(model, loss_fn, data, params, fisher="ggn", seed=seed, **shared)
     op = (HessianOperator if curvature == "hessian" else GGNOperator)(model, loss_fn, data, params, seed=seed,
                                                                         **operator_kwargs)
     P = op.shape[0]
@@ -194,6 +208,7 @@ def analyze(
     bottom = eigenvalues(op, bottom_k, "smallest", seed=seed + 1, **eig_kwargs) if bottom_k else None
     density = spectral_density(op, slq_probes, min(slq_steps, P), seed=seed, progress=progress)
     per_block = block_eigenvalues(op, 1, seed=seed, max_matvecs=max_matvecs)
+    comparison = None if kfac is None else compare_kfac(op, kfac, tr, top, per_block, kfac_probes, seed + 2)
     land1 = land2 = None
     if landscape:
         v = top.eigenvectors
@@ -208,6 +223,6 @@ def analyze(
         gradient_norm=float(cast(torch.Tensor, grad).norm()),
         trace=tr, top=_without_vectors(top), bottom=None if bottom is None else _without_vectors(bottom), density=density,
         layers=_layer_stats(tr, per_block), landscape_1d=land1, landscape_2d=land2, seed=seed,
-        seconds=time.perf_counter() - start, num_matvecs=op.num_matvecs,
+        seconds=time.perf_counter() - start, num_matvecs=op.num_matvecs, kfac=comparison,
     )
 

@@ -16,6 +16,7 @@ from typing import Sequence
 from secondorder.analysis import plots
 from secondorder.analysis.evolution import EvolutionPoint
 from secondorder.analysis.hessian_report import HessianAnalysis
+from secondorder.analysis.kfac_comparison import KFACComparison
 
 __all__ = ["summary_table", "write_report"]
 
@@ -31,7 +32,7 @@ def _tables(a: HessianAnalysis, evolution: Sequence[EvolutionPoint] | None) -> l
     low, high = t.confidence_interval(0.95)
     top = a.top.eigenvalues.tolist()
     tables = [("Summary", (["quantity", "value"], [
-        ["curvature", a.curvature],
+        ["curvature", "ggn, compared with its K-FAC" if a.curvature == "kfac" else a.curvature],
         ["parameters", str(a.num_parameters)],
         ["samples", str(a.num_samples)],
         ["loss", _g(a.loss)],
@@ -56,6 +57,8 @@ def _tables(a: HessianAnalysis, evolution: Sequence[EvolutionPoint] | None) -> l
         [[x.name, str(x.size), f"{_g(x.trace, 4)} ± {_g(x.trace_stderr, 2)}", _g(x.trace_per_parameter, 3),
           _g(x.top_eigenvalue, 5), f"{x.top_residual:.1e}" + ("" if x.top_converged else " (not converged)")]
          for x in a.layers])))
+    if a.kfac is not None:
+        tables += _kfac_tables(a.kfac)
     if a.landscape_1d is not None:
         land = a.landscape_1d
         tables.append(("1-D landscape (quadratic-fit curvature of the loss along each unit direction)", (
@@ -70,10 +73,26 @@ def _tables(a: HessianAnalysis, evolution: Sequence[EvolutionPoint] | None) -> l
     return tables
 
 
+KFAC_TITLE = "K-FAC against the Gauss-Newton matrix"
+
+
+def _kfac_tables(c: KFACComparison) -> list[tuple[str, Table]]:
+    rows = [["trace", _g(c.trace), f"{_g(c.ggn_trace)} ± {_g(c.ggn_trace_stderr, 2)}"]]
+    rows += [[f"eigenvalue {i + 1}", _g(k, 8), _g(g, 8)] for i, (k, g) in enumerate(zip(c.top, c.ggn_top))]
+    rows.append(["‖G − K‖_F / ‖G‖_F", f"{_g(c.distance, 4)} ± {_g(c.distance_stderr, 2)} ({c.num_probes} probes)", ""])
+    layers = [[x.name, str(x.size), _g(x.trace, 5), f"{_g(x.ggn_trace, 5)} ± {_g(x.ggn_trace_stderr, 2)}",
+               _g(x.top_eigenvalue, 5), _g(x.ggn_top_eigenvalue, 5)] for x in c.layers]
+    return [(f"{KFAC_TITLE} (K-FAC exact from its factors; GGN by Hutch++ and Lanczos)",
+             (["quantity", "K-FAC", "GGN"], rows)),
+            ("K-FAC per layer", (["layer", "parameters", "K-FAC trace", "GGN trace ± stderr", "K-FAC top eigenvalue",
+                                  "GGN top eigenvalue"], layers))]
+
+
 def summary_table(analysis: HessianAnalysis) -> str:
-    """The summary and eigenvalue tables as plain text, for the terminal."""
+    """The summary and eigenvalue tables (and K-FAC's comparison) as plain text, for the terminal."""
     lines = []
-    for title, (head, rows) in _tables(analysis, None)[:3]:
+    tables = _tables(analysis, None)
+    for title, (head, rows) in tables[:3] + [t for t in tables if t[0].startswith(KFAC_TITLE)]:
         lines.append(title)
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         for r in rows:

@@ -43,6 +43,7 @@ examples:
                       --data mypkg.data:val_batches --loss cross_entropy --out report/
   secondorder analyze --checkpoint ep1.pt --checkpoint ep10.pt ...   evolution over checkpoints
   secondorder analyze --params conv1,fc --curvature ggn --json       some layers, Gauss-Newton, JSON on stdout
+  secondorder analyze --curvature kfac --no-landscape               how far K-FAC is from the Gauss-Newton matrix
   torchrun --nproc-per-node 4 -m secondorder.cli analyze --device cuda ...
                                  4 processes (GPUs) share the analysis batches; rank 0 writes the report
 
@@ -54,6 +55,8 @@ what the report holds (report.html, self-contained; report.md; summary.json; PNG
   landscape    loss along the top eigenvector vs a random unit direction (1-D), and on the plane of
                the top two eigenvectors (2-D), as in Yao et al. (NeurIPS 2018)
   evolution    top eigenvalue and trace over training (default model, or several --checkpoint)
+  K-FAC        --curvature kfac: the Gauss-Newton report, and beside it K-FAC's exact trace and top
+               eigenvalues (whole and per layer) and ||G - K||_F / ||G||_F by Hutchinson probes
 """
 
 EVOLUTION_EPOCHS = (0, 1, 2, 5, 10, 20)
@@ -67,7 +70,11 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(a)
     est = a.add_argument_group("estimators")
-    est.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian", help="(default: hessian)")
+    est.add_argument("--curvature", choices=["hessian", "ggn", "kfac"], default="hessian",
+                     help="kfac: the Gauss-Newton report with its K-FAC approximation beside it (traces, top "
+                          "eigenvalues, per layer, relative Frobenius distance) (default: hessian)")
+    est.add_argument("--kfac-probes", type=int, default=30,
+                     help="--curvature kfac: probes of the distance ||G - K||_F / ||G||_F (default: 30)")
     est.add_argument("--top-k", type=int, default=5, help="top eigenvalues (default: 5)")
     est.add_argument("--bottom-k", type=int, default=1, help="bottom eigenvalues, 0 for none (default: 1)")
     est.add_argument("--probes", type=int, default=90, help="Hutch++ products for the trace (default: 90)")
@@ -161,6 +168,8 @@ def _check_counts(args: argparse.Namespace) -> None:
         for name in ("top_k", "probes", "slq_probes", "slq_steps"):
             positive_int(getattr(args, name), name)
         non_negative_int(args.bottom_k, "bottom_k")
+    if args.curvature == "kfac" and args.kfac_probes < 2:
+        raise UsageError(f"--kfac-probes must be >= 2 (for a standard error), got {args.kfac_probes}")
 
 
 def _run(args: argparse.Namespace, world) -> tuple[dict | None, str]:
@@ -183,7 +192,7 @@ def _analyze(args: argparse.Namespace, world, tmp) -> tuple[dict | None, str]:
                            top_k=args.top_k, bottom_k=args.bottom_k, trace_matvecs=args.probes,
                            slq_probes=args.slq_probes, slq_steps=args.slq_steps, landscape=not args.no_landscape,
                            landscape_radius=args.landscape_radius, max_matvecs=args.max_matvecs, seed=args.seed,
-                           progress=not args.quiet, distributed=world is not None)
+                           progress=not args.quiet, kfac_probes=args.kfac_probes, distributed=world is not None)
     if tmp is None:  # a rank other than 0: rank 0 writes the report
         return None, ""
     context.update({"curvature": args.curvature, "seed": args.seed, "machine": describe(device),
