@@ -294,3 +294,15 @@ def test_at_a_minimum_no_method_moves_or_loops(name):
     opt.step(lambda idx=None: rosenbrock(x))
     assert torch.equal(x.detach(), torch.ones(2, dtype=torch.float64))
     assert not opt.last_step.accepted and opt.last_step.function_evaluations == 0  # no model decrease: no trial
+
+
+def test_newton_mr_takes_no_step_on_a_decrease_lost_to_rounding():
+    """A loss flat to rounding along negative curvature: Armijo holds with equality at every step
+    size, so without the strict-decrease guard the forward search doubled to max_step_size (a step
+    of 8.6e9 for a decrease of 0). Now no step is taken and the parameters stay bitwise."""
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = NewtonMR([x], hessian_fraction=1.0, max_backtracks=5)
+    opt.step(lambda idx=None: (1 + 1e-20 * x[0] - 1e-20 * x[1] ** 2).reshape(1))
+    assert not opt.last_step.accepted and opt.last_step.step_size == 0
+    assert torch.equal(x.detach(), torch.zeros(2, dtype=torch.float64))
+    assert opt.last_step.new_loss == opt.last_step.loss == 1.0

@@ -18,7 +18,9 @@ Each outer iteration takes the full loss :math:`f_0` and gradient :math:`g` and 
 
 A MINRES run that ends at its iteration cap takes the solution branch (``cap_as_curvature``
 takes the residual branch instead, as the authors' code does). A line search that finds no
-Armijo point within ``max_backtracks`` halvings ends the iteration without a step. Defaults:
+Armijo point within ``max_backtracks`` halvings ends the iteration without a step; a trial whose
+loss is not strictly below :math:`f_0` fails Armijo (at a point flat to rounding the forward
+search would otherwise double to ``max_step_size`` on zero decrease). Defaults:
 :math:`\theta = 10^{-2}`, :math:`\rho = 10^{-4}` (the authors' drivers), MINRES at most 200
 iterations.
 """
@@ -99,8 +101,8 @@ class NewtonMR(SubsampledNewton):
                 alpha: float, reducer: Reducer) -> float | None:
         """The loss at ``x + alpha p`` if it satisfies Armijo (the parameters stay there), else None (set back)."""
         new = self._try(closure, params, direction, reducer, alpha)
-        if math.isfinite(new) and new <= loss + self.param_groups[0]["armijo"] * alpha * slope:
-            return new
+        if math.isfinite(new) and new <= loss + self.param_groups[0]["armijo"] * alpha * slope and new < loss:
+            return new  # (strictly lower too: a sufficient decrease lost to rounding is no decrease)
         self._place(params)
         return None
 
