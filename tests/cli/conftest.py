@@ -63,3 +63,21 @@ def project(tmp_path, monkeypatch):
     torch.save(clinets.make_other().state_dict(), tmp_path / "other.pt")
     yield tmp_path, clinets
     sys.modules.pop("clinets", None)
+
+
+@pytest.fixture
+def refused(project, capsys):
+    """``refused(argv, message)``: the command exits 2 with one error line holding ``message`` and
+    leaves the project directory as it was."""
+    from secondorder.cli import main
+
+    root, _ = project
+
+    def check(argv: list[str], message: str) -> None:
+        before = sorted(p.name for p in root.iterdir())
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("secondorder: error:") and len(err.splitlines()) == 1 and message in err, err
+        assert sorted(p.name for p in root.iterdir()) == before
+
+    return check
