@@ -29,6 +29,7 @@ from secondorder.operators import (
     IdentityOperator,
     KFACOperator,
     LinearOperator,
+    MFACOperator,
     NonFiniteError,
     as_operator,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "HessianOperator",
     "IdentityOperator",
     "KFACOperator",
+    "MFACOperator",
     "LinearOperator",
     "NonFiniteError",
     "SolveResult",

@@ -11,6 +11,7 @@ from secondorder.operators.base import (
 )
 from secondorder.operators.curvature import CurvatureOperator, GGNOperator, HessianOperator
 from secondorder.operators.kfac import KFACOperator, KroneckerFactors
+from secondorder.operators.mfac import MFACInverse, MFACOperator
 from secondorder.operators.risk import EmpiricalRisk, NonFiniteError
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "HessianOperator",
     "IdentityOperator",
     "KFACOperator",
+    "MFACInverse",
+    "MFACOperator",
     "KroneckerFactors",
     "LinearOperator",
     "NonFiniteError",

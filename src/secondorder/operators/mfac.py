@@ -1,0 +1,233 @@
+r"""M-FAC: the damped empirical Fisher of a window of gradients, with matrix-free inverse products
+(Frantar, Kurtic & Alistarh, "M-FAC: Efficient Matrix-Free Approximations of Second-Order
+Information", NeurIPS 2021).
+
+For a window of :math:`m` gradients, the rows of :math:`G \in \mathbb R^{m\times d}`,
+
+.. math:: \hat F = \lambda I + \tfrac1m G^\top G,\qquad
+          \hat F^{-1}x = \lambda^{-1}\big(x - G^\top K^{-1} G x\big),\qquad
+          [\hat F^{-1}]_{qq} = \lambda^{-1}\big(1 - G_{:,q}^\top K^{-1} G_{:,q}\big),\qquad
+          K = GG^\top + m\lambda I_m
+
+(Woodbury; the paper's rank-one recursion in closed form). :math:`K` (:math:`m\times m`, float64)
+is kept with its Cholesky factor :math:`K = LL^\top`: an inverse product costs two products with
+:math:`G` and one :math:`m\times m` solve, :math:`O(dm + m^2)`; the whole inverse diagonal
+:math:`O(dm^2)`. The window is a ring buffer: :meth:`MFACOperator.add` replaces the oldest row, updates
+one row and column of :math:`GG^\top` (:math:`O(dm)`) and refactors (:math:`O(m^3)`). Rows not
+yet filled are zero (the :math:`1/m` stays), as in the authors' code.
+
+With ``block_size`` :math:`B` the coordinates are cut into consecutive chunks of :math:`B` (the
+last one shorter) and :math:`\hat F` is block diagonal, each chunk with its own
+:math:`\lambda I + \frac1m G_b^\top G_b` (the paper's pruning uses :math:`B = 128`); all chunks
+are handled at once as a batch of :math:`m\times m` systems. The window may be stored in float16 or
+bfloat16 (``storage_dtype``; half the memory of :math:`md` floats), products upcast it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from secondorder import validation
+from secondorder.operators.base import Block, LinearOperator, _check_blocks, _single_block
+from secondorder.operators.params import make_blocks, select_parameters
+from secondorder.operators.risk import EmpiricalRisk
+
+__all__ = ["MFACInverse", "MFACOperator"]
+
+
+class MFACOperator(LinearOperator):
+    r""":math:`\lambda I + \frac1m G^\top G` over a ring buffer of ``window`` gradients of dimension ``dim``
+    (module docstring); starts empty (:math:`\lambda I`), :meth:`add` inserts.
+
+    Args:
+        window: :math:`m`, the number of gradients kept.
+        dim: :math:`d`, the gradients' length.
+        damping: :math:`\lambda > 0`.
+        block_size: chunks of this many coordinates, each its own block of :math:`\hat F` (``None``: one).
+        dtype: the dtype of products (float32 or float64); :math:`K` is float64 in any case.
+        storage_dtype: the window's dtype (default ``dtype``; float16/bfloat16 halve its memory).
+        device: where the window lives.
+        blocks: named blocks for per-layer quantities (default one block ``"all"``).
+
+    """
+
+    def __init__(self, window: int, dim: int, damping: float, *, block_size: int | None = None,
+                 dtype: torch.dtype = torch.float32, storage_dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu", blocks: Sequence[Block] | None = None) -> None:
+        self.window = validation.positive_int(window, "window (the number of gradients m)")
+        dim = validation.positive_int(dim, "dim")
+        self.damping = validation.positive_finite(damping, "damping (lambda)")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        storage = dtype if storage_dtype is None else storage_dtype
+        if storage not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"storage_dtype must be a floating dtype, got {storage_dtype}")
+        self.block_size = dim if block_size is None else validation.positive_int(block_size, "block_size")
+        self.block_size = min(self.block_size, dim)
+        self.num_chunks = math.ceil(dim / self.block_size)
+        self.shape, self.dtype, self.device = (dim, dim), dtype, torch.device(device)
+        self.blocks = _check_blocks(blocks, dim) if blocks is not None else _single_block(dim)
+        self.num_matvecs = 0
+        padded = self.num_chunks * self.block_size  # zero padding: a full last chunk, no effect
+        self.gradients = torch.zeros(self.window, padded, dtype=storage, device=self.device)
+        self.gram = torch.zeros(self.num_chunks, self.window, self.window, dtype=torch.float64, device=self.device)
+        self.num_added = 0
+        self._factor()
+
+    # ---- construction from gradients or a model ---------------------------------------------
+    @classmethod
+    def from_gradients(cls, gradients: Tensor, damping: float, **kwargs: Any) -> "MFACOperator":
+        r"""The static operator of the rows of ``gradients`` ``[m, d]`` (``kwargs`` as the constructor)."""
+        if not isinstance(gradients, Tensor) or gradients.ndim != 2 or not gradients.is_floating_point():
+            shape = list(gradients.shape) if isinstance(gradients, Tensor) else type(gradients).__name__
+            raise ValueError(f"gradients must be a floating [m, d] tensor (one gradient per row), got {shape}")
+        kwargs.setdefault("dtype", gradients.dtype if gradients.dtype == torch.float64 else torch.float32)
+        kwargs.setdefault("device", gradients.device)
+        op = cls(gradients.shape[0], gradients.shape[1], damping, **kwargs)
+        op._check_rows(gradients)
+        op.gradients[:, : gradients.shape[1]] = gradients.to(op.gradients.dtype)
+        op.num_added = gradients.shape[0]
+        op._rebuild()
+        return op
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, loss_fn: Callable, data: Any, damping: float, params=None, *,
+                   rows: str = "batch", **kwargs: Any) -> "MFACOperator":
+        r"""The static operator of a model's gradients over ``data`` (one batch or a re-iterable):
+        ``rows="batch"``, one row per batch (the gradient of its mean loss, the paper's pruning
+        driver), or ``rows="sample"``, one row per sample (then :math:`\frac1m G^\top G` is the
+        empirical Fisher of the mean loss). Named blocks per layer.
+        """
+        G, blocks = model_gradients(model, loss_fn, data, params, rows)
+        return cls.from_gradients(G, damping, blocks=blocks, **kwargs)
+
+    # ---- the ring buffer --------------------------------------------------------------------
+    def add(self, gradient: Tensor) -> None:
+        """Insert ``gradient`` ``[d]`` in place of the oldest row; checked (shape, finite) before any change."""
+        self._check_rows(gradient.reshape(1, -1) if isinstance(gradient, Tensor) and gradient.ndim == 1 else gradient)
+        slot = self.num_added % self.window
+        row = gradient.to(self.gradients.dtype)
+        self.gradients[slot, : self.shape[0]] = row
+        chunks = self._chunked(self.gradients).double()  # [n, m, B]: the rows as stored (rounded)
+        new = torch.einsum("nb,nmb->nm", chunks[:, slot], chunks)
+        self.gram[:, slot, :] = new
+        self.gram[:, :, slot] = new
+        self.num_added += 1
+        self._factor()
+
+    def _check_rows(self, rows: Any) -> None:
+        d = self.shape[0]
+        if not isinstance(rows, Tensor) or rows.ndim != 2 or rows.shape[1] != d:
+            shape = list(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
+            raise ValueError(f"a gradient of this M-FAC window has {d} entries; got shape {shape}")
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("a gradient for the M-FAC window is not finite; the window was not changed")
+
+    def _chunked(self, X: Tensor) -> Tensor:
+        """Rows ``[r, padded]`` as ``[num_chunks, r, B]``."""
+        return X.reshape(X.shape[0], self.num_chunks, self.block_size).transpose(0, 1)
+
+    def _rebuild(self) -> None:
+        chunks = self._chunked(self.gradients).double()
+        self.gram = chunks @ chunks.transpose(1, 2)
+        self._factor()
+
+    def _factor(self) -> None:
+        m = self.window
+        K = self.gram + m * self.damping * torch.eye(m, dtype=torch.float64, device=self.device)
+        L, info = torch.linalg.cholesky_ex(K)
+        if bool((info != 0).any()):
+            raise FloatingPointError("GG^T + m*lambda*I is not positive definite in float64: raise the damping")
+        self.cholesky = L
+
+    # ---- products -------------------------------------------------------------------------
+    def _padded(self, V: Tensor) -> Tensor:
+        """``V`` ``[d, K]`` as ``[num_chunks, B, K]`` (zero rows past ``d``)."""
+        pad = self.num_chunks * self.block_size - self.shape[0]
+        if pad:
+            V = torch.cat([V, V.new_zeros(pad, V.shape[1])])
+        return V.reshape(self.num_chunks, self.block_size, V.shape[1])
+
+    def _window(self) -> Tensor:
+        return self._chunked(self.gradients.to(self.dtype))  # [n, m, B]
+
+    def _unpadded(self, X: Tensor) -> Tensor:
+        return X.reshape(-1, X.shape[-1])[: self.shape[0]]
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        G = self._window()
+        X = self._padded(V)
+        return self._unpadded(self.damping * X + G.transpose(1, 2) @ (G @ X) / self.window)
+
+    def inverse_product(self, V: Tensor) -> Tensor:
+        r""":math:`\hat F^{-1} V` for ``V`` ``[d]`` or ``[d, K]`` (module docstring)."""
+        V2 = self._as_block(V).to(self.dtype)
+        G = self._window()
+        X = self._padded(V2)
+        C = torch.cholesky_solve((G @ X).double(), self.cholesky).to(self.dtype)
+        out = self._unpadded((X - G.transpose(1, 2) @ C) / self.damping)
+        return out if V.ndim == 2 else out.squeeze(1)
+
+    def inverse(self) -> "MFACInverse":
+        r""":math:`\hat F^{-1}` as an operator: a live view (it follows later :meth:`add` calls)."""
+        return MFACInverse(self)
+
+    def inverse_diagonal(self) -> Tensor:
+        r"""The diagonal of :math:`\hat F^{-1}`, ``[d]``: :math:`\lambda^{-1}(1 - \|L^{-1}G_{:,q}\|^2)`."""
+        W = torch.linalg.solve_triangular(self.cholesky, self._chunked(self.gradients).double(), upper=False)
+        inside = W.square().sum(1)  # [n, B]
+        return ((1 - inside) / self.damping).reshape(-1)[: self.shape[0]].to(self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"MFACOperator(dim={self.shape[0]}, window={self.window}, filled={min(self.num_added, self.window)}, "
+                f"damping={self.damping:g}, block_size={self.block_size}, storage={self.gradients.dtype})")
+
+
+def model_gradients(model: torch.nn.Module, loss_fn: Callable, data: Any, params=None,
+                    rows: str = "batch") -> tuple[Tensor, tuple[Block, ...]]:
+    """The gradients ``[m, P]`` of each batch's mean loss (``rows="batch"``) or of each sample's loss
+    (``"sample"``: one backward per sample, the batches' inputs and targets split along dim 0),
+    and the parameters' blocks per layer; the model's mode, buffers and RNG are left as they were.
+    """
+    validation.one_of(rows, "rows", ("batch", "sample"))
+    named = select_parameters(model, params)
+    tensors = [p for _, p in named]
+    risk = EmpiricalRisk(model, loss_fn, data)
+    found: list[Tensor] = []
+
+    def gradient(loss: Tensor) -> Tensor:
+        parts = torch.autograd.grad(loss, tensors, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(parts, tensors)])
+
+    def visit(index: int, batch: Any, n: int) -> None:
+        if rows == "batch":
+            found.append(gradient(risk.loss(risk.outputs(batch, index), batch, index)))
+            return
+        risk.check_pair(batch, index)
+        for j in range(n):
+            one = (batch[0][j:j + 1], batch[1][j:j + 1])
+            found.append(gradient(risk.loss(risk.outputs(one, index), one, index)))
+
+    with torch.enable_grad():
+        risk.for_each_batch(tensors[0].device, visit)
+    return torch.stack(found), make_blocks(named, "module")
+
+
+class MFACInverse(LinearOperator):
+    r""":math:`\hat F^{-1}` of an :class:`MFACOperator`, through :meth:`MFACOperator.inverse_product`."""
+
+    def __init__(self, forward: MFACOperator) -> None:
+        self.forward = forward
+        self.shape, self.dtype, self.device, self.blocks = forward.shape, forward.dtype, forward.device, forward.blocks
+        self.num_matvecs = 0
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.forward.inverse_product(V)
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal (:meth:`MFACOperator.inverse_diagonal`)."""
+        return self.forward.inverse_diagonal()
