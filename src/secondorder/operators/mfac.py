@@ -9,8 +9,8 @@ For a window of :math:`m` gradients, the rows of :math:`G \in \mathbb R^{m\times
           [\hat F^{-1}]_{qq} = \lambda^{-1}\big(1 - G_{:,q}^\top K^{-1} G_{:,q}\big),\qquad
           K = GG^\top + m\lambda I_m
 
-(Woodbury; the paper's rank-one recursion in closed form). :math:`K` (:math:`m\times m`, float64)
-is kept with its Cholesky factor :math:`K = LL^\top`: an inverse product costs two products with
+(Woodbury; the paper's rank-one recursion in closed form). :math:`K` (:math:`m\times m`, float64;
+its entries computed in the products' dtype) is kept with its Cholesky factor :math:`K = LL^\top`: an inverse product costs two products with
 :math:`G` and one :math:`m\times m` solve, :math:`O(dm + m^2)`; the whole inverse diagonal
 :math:`O(dm^2)`. The window is a ring buffer: :meth:`MFACOperator.add` replaces the oldest row, updates
 one row and column of :math:`GG^\top` (:math:`O(dm)`) and refactors (:math:`O(m^3)`). Rows not
@@ -110,10 +110,9 @@ class MFACOperator(LinearOperator):
         """Insert ``gradient`` ``[d]`` in place of the oldest row; checked (shape, finite) before any change."""
         self._check_rows(gradient.reshape(1, -1) if isinstance(gradient, Tensor) and gradient.ndim == 1 else gradient)
         slot = self.num_added % self.window
-        row = gradient.to(self.gradients.dtype)
-        self.gradients[slot, : self.shape[0]] = row
-        chunks = self._chunked(self.gradients).double()  # [n, m, B]: the rows as stored (rounded)
-        new = torch.einsum("nb,nmb->nm", chunks[:, slot], chunks)
+        self.gradients[slot, : self.shape[0]] = gradient.to(self.gradients.dtype)
+        G = self._window()  # [n, m, B]: the rows as stored (rounded), in the products' dtype
+        new = (G @ G[:, slot].unsqueeze(2)).squeeze(2).double()  # O(dm): one row (and column) of GG^T
         self.gram[:, slot, :] = new
         self.gram[:, :, slot] = new
         self.num_added += 1
@@ -132,8 +131,8 @@ class MFACOperator(LinearOperator):
         return X.reshape(X.shape[0], self.num_chunks, self.block_size).transpose(0, 1)
 
     def _rebuild(self) -> None:
-        chunks = self._chunked(self.gradients).double()
-        self.gram = chunks @ chunks.transpose(1, 2)
+        G = self._window()
+        self.gram = (G @ G.transpose(1, 2)).double()
         self._factor()
 
     def _factor(self) -> None:
