@@ -21,6 +21,13 @@ last one shorter) and :math:`\hat F` is block diagonal, each chunk with its own
 :math:`\lambda I + \frac1m G_b^\top G_b` (the paper's pruning uses :math:`B = 128`); all chunks
 are handled at once as a batch of :math:`m\times m` systems. The window may be stored in float16 or
 bfloat16 (``storage_dtype``; half the memory of :math:`md` floats), products upcast it.
+
+Accuracy: for a vector inside :math:`\mathrm{span}(G)` (a window gradient, what the optimizer
+multiplies) the two terms of the closed form cancel, and the relative error of an inverse product
+is about :math:`\varepsilon\,\kappa`, :math:`\kappa = \lambda_{\max}(GG^\top)/(m\lambda)`, with
+:math:`\varepsilon` the products' precision (``experiments/mfac_exactness.py``: float32 is useless
+at :math:`\kappa \approx 10^8`, float64 keeps 1e-9). Where :math:`\kappa` is large use
+``dtype=torch.float64`` (the window may stay float32 or float16) or a larger damping.
 """
 
 from __future__ import annotations
@@ -107,16 +114,55 @@ class MFACOperator(LinearOperator):
 
     # ---- the ring buffer --------------------------------------------------------------------
     def add(self, gradient: Tensor) -> None:
-        """Insert ``gradient`` ``[d]`` in place of the oldest row; checked (shape, finite) before any change."""
+        """Insert ``gradient`` ``[d]`` in place of the oldest row; checked (shape, finite) and the new
+        :math:`K` factored before anything changes (a failed insertion leaves the window as it was).
+        """
         self._check_rows(gradient.reshape(1, -1) if isinstance(gradient, Tensor) and gradient.ndim == 1 else gradient)
         slot = self.num_added % self.window
-        self.gradients[slot, : self.shape[0]] = gradient.to(self.gradients.dtype)
-        G = self._window()  # [n, m, B]: the rows as stored (rounded), in the products' dtype
-        new = (G @ G[:, slot].unsqueeze(2)).squeeze(2).double()  # O(dm): one row (and column) of GG^T
-        self.gram[:, slot, :] = new
-        self.gram[:, :, slot] = new
+        row = self.gradients.new_zeros(self.gradients.shape[1])
+        row[: self.shape[0]] = gradient.reshape(-1).to(self.gradients.dtype)  # as stored (rounded)
+        chunk = row.reshape(self.num_chunks, self.block_size).double()  # [n, B]
+        new = torch.einsum("nb,nmb->nm", chunk, self._chunked(self.gradients).double())
+        new[:, slot] = chunk.square().sum(1)
+        gram = self.gram.clone()
+        gram[:, slot, :] = new
+        gram[:, :, slot] = new
+        cholesky = self._cholesky(gram)
+        self.gradients[slot] = row
+        self.gram, self.cholesky = gram, cholesky
         self.num_added += 1
-        self._factor()
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The window as copies: ``gradients`` ``[m, padded d]`` (storage dtype), ``gram``
+        ``[chunks, m, m]`` (float64) and ``num_added``, with the settings they fit
+        (:meth:`load_state_dict` refactors :math:`K` from ``gram``, bit for bit).
+        """
+        return {"window": self.window, "dim": self.shape[0], "block_size": self.block_size,
+                "damping": self.damping, "gradients": self.gradients.clone(), "gram": self.gram.clone(),
+                "num_added": self.num_added}
+
+    def load_state_dict(self, state: Any) -> None:
+        """Load a :meth:`state_dict` after checking that it fits this window (``ValueError`` before anything changes)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"an M-FAC window state is a dict of MFACOperator.state_dict(), got {type(state).__name__}")
+        mine = {"window": self.window, "dim": self.shape[0], "block_size": self.block_size, "damping": self.damping}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(f"the saved M-FAC window has {theirs}, this one {mine}: saved with other settings")
+        for name, want in (("gradients", self.gradients), ("gram", self.gram)):
+            got = state.get(name)
+            if not isinstance(got, Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+                shape = f"{got.dtype} {list(got.shape)}" if isinstance(got, Tensor) else type(got).__name__
+                raise ValueError(f"the saved M-FAC window's {name} is {shape}, this window needs "
+                                 f"{want.dtype} {list(want.shape)}")
+            if not bool(torch.isfinite(got).all()):
+                raise ValueError(f"the saved M-FAC window's {name} is not finite")
+        num_added = validation.non_negative_int(state.get("num_added"), "the saved M-FAC window's num_added")
+        gram = state["gram"].to(self.device, copy=True)
+        cholesky = self._cholesky(gram)
+        self.gradients = state["gradients"].to(self.device, copy=True)
+        self.gram, self.cholesky, self.num_added = gram, cholesky, num_added
 
     def _check_rows(self, rows: Any) -> None:
         d = self.shape[0]
@@ -136,12 +182,16 @@ class MFACOperator(LinearOperator):
         self._factor()
 
     def _factor(self) -> None:
+        self.cholesky = self._cholesky(self.gram)
+
+    def _cholesky(self, gram: Tensor) -> Tensor:
+        r"""The Cholesky factors of :math:`K = GG^\top + m\lambda I` for ``gram`` :math:`GG^\top` (nothing stored)."""
         m = self.window
-        K = self.gram + m * self.damping * torch.eye(m, dtype=torch.float64, device=self.device)
+        K = gram + m * self.damping * torch.eye(m, dtype=torch.float64, device=self.device)
         L, info = torch.linalg.cholesky_ex(K)
         if bool((info != 0).any()):
             raise FloatingPointError("GG^T + m*lambda*I is not positive definite in float64: raise the damping")
-        self.cholesky = L
+        return L
 
     # ---- products -------------------------------------------------------------------------
     def _padded(self, V: Tensor) -> Tensor:
