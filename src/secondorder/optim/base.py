@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Callable, Protocol, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -322,11 +322,8 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
 
     def _handshake(self, reducer: Reducer, params: list[Tensor]) -> None:
         """Check once per world (and after loading a state) that every rank runs the same optimizer."""
-        if self._agreed_world == reducer.size:
-            return
-        name = type(self).__name__
-        reducer.agree({
-            "optimizer": name,
+        agree_once(self, reducer, lambda: {
+            "optimizer": type(self).__name__,
             "parameters (shape, dtype, device type)": [
                 (tuple(p.shape), str(p.dtype).removeprefix("torch."), p.device.type) for p in params],
             "hyperparameters": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
@@ -335,9 +332,7 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
             "step counters": (self.num_steps, self.num_curvature_steps, self.num_good_steps),
             "probe generator state": digest(self.generator.get_state()),
             "loss scale": float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0,
-        }, what=f"{name} handshake", advice="every rank must build the same model and optimizer (same seed) "
-                                            "and load the same checkpoint")
-        self._agreed_world = reducer.size
+        })
 
     def _rescale(self, loss_scale: float, found_inf: bool) -> None:
         assert self.grad_scaler is not None, "only called with a GradScaler"
@@ -398,6 +393,30 @@ class SecondOrderOptimizer(torch.optim.Optimizer):
         for counter in ("num_steps", "num_curvature_steps", "num_good_steps"):
             validation.non_negative_int(extra.get(counter), f"the state_dict's {counter}")
         check_generator(self.generator, extra.get("generator"))
+
+
+class Agreeing(Protocol):
+    """An optimizer that checks its ranks agree: the world size of its last successful
+    handshake (``None``: none yet, or a state was loaded since).
+    """
+
+    _agreed_world: int | None
+
+
+HANDSHAKE_ADVICE = "every rank must build the same model and optimizer (same seed) and load the same checkpoint"
+
+
+def agree_once(optimizer: Agreeing, reducer: Reducer, facts: Callable[[], dict[str, Any]]) -> None:
+    """The rank handshake of every optimizer here: unless the ranks already agreed in a world of
+    ``reducer.size`` (and no state was loaded since, which sets ``_agreed_world`` to ``None``),
+    check that they pass equal ``facts()`` (built only then: shapes, hyperparameters, counters,
+    the generator's digest), or raise ``ValueError`` on every rank naming the first one they
+    disagree on, with each rank's value.
+    """
+    if optimizer._agreed_world == reducer.size:
+        return
+    reducer.agree(facts(), what=f"{type(optimizer).__name__} handshake", advice=HANDSHAKE_ADVICE)
+    optimizer._agreed_world = reducer.size
 
 
 def rescale(scaler: Any, loss_scale: float, found_inf: bool, good_steps: int) -> int:

@@ -22,16 +22,32 @@ The closure returns ``(loss, logits)``: the batch's mean loss and the model's ``
 outputs it came from (the sampled labels are drawn from them); no ``backward``.
 
 Data-parallel (``distributed="auto"``): every step sums, over the ranks in one bucketed
-all-reduce, the sample-weighted gradients, and on factor steps the factors' sums and the sample
-counts; labels are drawn for the concatenated batch and each rank takes its shard's (the
-generator is the same on every rank), so the step is the single process's step on the
-concatenated batch and every rank keeps identical factors, inverses and parameters.
+all-reduce, the sample-weighted gradients :math:`n_r g_r`, the losses and the sample counts
+:math:`n_r`, and on factor steps the factors' sums :math:`\sum_{n\in r}\bar a\bar a^\top` and
+:math:`n_r S_r`, each divided by :math:`N = \sum_r n_r` after it (shards may differ in size). With
+``fisher="mc"`` the labels are drawn for the concatenated batch and each rank takes its shard's
+(the generator is the same on every rank; one more small all-reduce, of the shard sizes, on
+factor steps). So the step is the single process's step on the concatenated batch and every rank
+keeps identical factors, inverses and parameters.
+
+Where the inverses are computed (``inverse_placement``; ``"spread"`` is kfac-pytorch's
+communication-optimized strategy, which shares inverses rather than preconditioned gradients,
+trading communication for inversion work): ``"replicated"`` (default) inverts every layer
+on every rank and communicates nothing more; ``"spread"`` assigns each layer to one rank (greedily
+by the cost :math:`d_A^3 + d_S^3` of its eigendecompositions, the most expensive first, to the
+least-loaded rank: :func:`spread_layers`), each rank inverts its own layers only, and the inverse
+factors travel in one bucketed all-reduce of every layer's :math:`(A^{-1}, S^{-1})`, each rank
+contributing its layers' and zeros elsewhere. Adding zeros is exact, so every rank holds the same
+bits as the inverting rank, equal to the replicated inverses: about :math:`1/W` of the inversion
+work per rank for one all-reduce of the inverses' size on inverse steps. In a world of one both
+are the same.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any, Callable, cast
 
 import torch
@@ -39,6 +55,7 @@ from torch import Tensor, nn
 
 from secondorder import validation
 from secondorder.distributed.reducer import Reducer, check_option, digest, reducer_for
+from secondorder.operators.base import Block
 from secondorder.operators.kfac import (
     Capture,
     KFACOperator,
@@ -49,10 +66,11 @@ from secondorder.operators.kfac import (
 )
 from secondorder.operators.output_hessians import _loss_kind
 from secondorder.operators.params import make_blocks, select_parameters
-from secondorder.optim.base import check_generator, check_groups, checked_loss, rescale
+from secondorder.optim.base import agree_once, check_generator, check_groups, checked_loss, rescale
 from secondorder.optim.subsampled import flat
 
 FISHERS = ("mc", "empirical", "ggn")
+PLACEMENTS = ("replicated", "spread")
 
 
 class KFAC(torch.optim.Optimizer):
@@ -76,13 +94,16 @@ class KFAC(torch.optim.Optimizer):
         grad_scaler: a ``torch.amp.GradScaler``: the loss is scaled before differentiating and
             gradient and factors unscaled; an overflow skips the step and backs the scale off.
         distributed: ``"auto"``, True, False or a reducer.
+        inverse_placement: ``"replicated"`` (every rank inverts every layer) or ``"spread"``
+            (each layer on one rank, the inverses shared in one all-reduce; module docstring).
 
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable | None = None, *, lr: float = 0.01, damping: float = 1e-3,
                  momentum: float = 0.9, weight_decay: float = 0.0, kl_clip: float | None = 1e-3,
                  factor_every: int = 10, inverse_every: int = 100, factor_decay: float = 0.95, fisher: str = "mc",
-                 params=None, seed: int = 0, grad_scaler=None, distributed: bool | str | Reducer = "auto") -> None:
+                 params=None, seed: int = 0, grad_scaler=None, distributed: bool | str | Reducer = "auto",
+                 inverse_placement: str = "replicated") -> None:
         validation.non_negative(lr, "lr")
         validation.positive_finite(damping, "damping (the factored Tikhonov lambda)")
         if not 0 <= momentum < 1:
@@ -95,6 +116,7 @@ class KFAC(torch.optim.Optimizer):
         self.factor_every = validation.positive_int(factor_every, "factor_every")
         self.inverse_every = validation.positive_int(inverse_every, "inverse_every")
         self.fisher = validation.one_of(fisher, "fisher", FISHERS)
+        self.inverse_placement = validation.one_of(inverse_placement, "inverse_placement", PLACEMENTS)
         named = select_parameters(model, params)
         self.layers = supported_layers(model, [p for _, p in named], [n for n, _ in named])
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
@@ -155,12 +177,11 @@ class KFAC(torch.optim.Optimizer):
                                     retain_graph=factor_step and not empirical)
         local = [n * flat(grads[: len(params)], params) / scale]
         if factor_step:
-            counts = [c[0] for c in reducer.counts(n, device=logits.device, what="K-FAC batch sizes")]
             if empirical:
                 S = capture.output_factors(grads[len(params):], float(n) * n / scale**2)
             else:
                 S = output_factors(capture, logits, self.loss_fn, self.fisher, self._placeholder(logits), 1,
-                                   self.generator, offset=sum(counts[: reducer.rank]), total=sum(counts))
+                                   self.generator, **self._label_rows(reducer, n, logits.device))
             local += [t for pair in zip(capture.input_factors(), S) for t in pair]
         tail = torch.tensor([float(loss.detach()) * n, float(n)], dtype=local[0].dtype, device=local[0].device)
         summed = reducer.sum(local + [tail], what="KFAC gradient and factors")
@@ -177,10 +198,19 @@ class KFAC(torch.optim.Optimizer):
                 return mean_loss
             raise FloatingPointError(f"the gradient or the K-FAC factors at step {step} are not finite; "
                                      "parameters were not changed")
-        self._apply(step, params, g, new if factor_step else None)
+        self._apply(step, params, g, new if factor_step else None, reducer)
         if self.grad_scaler is not None:
             self.num_good_steps = rescale(self.grad_scaler, scale, False, self.num_good_steps)
         return mean_loss
+
+    def _label_rows(self, reducer: Reducer, n: int, device: torch.device) -> dict[str, int]:
+        """Where this rank's ``n`` rows lie in the concatenated batch the labels are drawn for
+        (``"mc"`` only: the other factors draw nothing, and need no shard sizes).
+        """
+        if self.fisher != "mc":
+            return {}
+        counts = [c[0] for c in reducer.counts(n, device=device, what="K-FAC batch sizes")]
+        return {"offset": sum(counts[: reducer.rank]), "total": sum(counts)}
 
     def _placeholder(self, logits: Tensor) -> Tensor:
         """Targets for the closed-form output Hessians, which do not depend on them (class 0, or the outputs)."""
@@ -190,15 +220,18 @@ class KFAC(torch.optim.Optimizer):
         ce = isinstance(self.loss_fn, nn.CrossEntropyLoss) or self.loss_fn is torch.nn.functional.cross_entropy
         return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device) if ce else logits.detach()
 
-    def _apply(self, step: int, params: list[Tensor], g: Tensor, new: list[Tensor] | None) -> None:
-        """Factors, inverses and the momentum step (only after every check passed)."""
+    def _apply(self, step: int, params: list[Tensor], g: Tensor, new: list[Tensor] | None,
+               reducer: Reducer) -> None:
+        """Factors, inverses and the momentum step (only after every check passed; the factors and
+        inverses are assigned together once the inverses' collective, if any, returned).
+        """
         group = self.param_groups[0]
-        if new is not None:
-            self._average(new, group["factor_decay"])
-        if self.inverse is None or (step - 1) % self.inverse_every == 0:
-            assert self.factors is not None, "factors exist from the first step"
-            self.inverse = KFACOperator.from_factors(self.preconditioned, self.factors, self.blocks).inverse(
-                group["damping"])
+        factors = self.factors if new is None else self._averaged(new, group["factor_decay"])
+        assert factors is not None, "factors exist from the first step"
+        inverse = self.inverse
+        if inverse is None or (step - 1) % self.inverse_every == 0:
+            inverse = self._inverted(factors, group["damping"], reducer)
+        self.factors, self.inverse = factors, inverse
         grads = dict(zip(map(id, params), torch.split(g, [p.numel() for p in params])))
         G = torch.cat([grads[id(p)] for p in self.preconditioned])
         V = self.inverse @ G
@@ -219,13 +252,37 @@ class KFAC(torch.optim.Optimizer):
                 self.state[p]["momentum_buffer"] = buf
                 p.add_(buf, alpha=-group["lr"])
 
-    def _average(self, new: list[Tensor], decay: float) -> None:
-        """The running averages of the factors (the first factors as they are)."""
+    def _averaged(self, new: list[Tensor], decay: float) -> list[KroneckerFactors]:
+        """The running averages of the factors with the step's ``new`` ones (the first factors as they are)."""
         pairs = [(new[2 * i], new[2 * i + 1]) for i in range(len(self.layers))]
         if self.factors is not None:
             pairs = [(decay * old.A + (1 - decay) * A, decay * old.S + (1 - decay) * S)
                      for old, (A, S) in zip(self.factors, pairs)]
-        self.factors = self._factors(pairs)
+        return self._factors(pairs)
+
+    def _inverted(self, factors: list[KroneckerFactors], damping: float, reducer: Reducer) -> KFACOperator:
+        """The damped inverse of ``factors``: inverted here (``"replicated"``), or each layer by its
+        rank of :func:`spread_layers` and summed over the ranks, zeros elsewhere (``"spread"``).
+        """
+        if self.inverse_placement == "replicated":
+            return KFACOperator.from_factors(self.preconditioned, factors, self.blocks).inverse(damping)
+        owners = spread_layers([f.A.shape[0] ** 3 + f.S.shape[0] ** 3 for f in factors], reducer.size)
+        local = [t for f, owner in zip(factors, owners)
+                 for t in (self._layer_inverse(f, damping) if owner == reducer.rank
+                           else (torch.zeros_like(f.A), torch.zeros_like(f.S)))]
+        summed = reducer.sum(local, what="KFAC inverses")
+        inverted = [replace(f, A=A, S=S) for f, A, S in zip(factors, summed[0::2], summed[1::2])]
+        return KFACOperator.from_factors(self.preconditioned, inverted, self.blocks)
+
+    def _layer_inverse(self, f: KroneckerFactors, damping: float) -> tuple[Tensor, Tensor]:
+        r"""One layer's damped inverse factors :math:`(A + \pi\sqrt\lambda I)^{-1}` and
+        :math:`(S + \frac{\sqrt\lambda}\pi I)^{-1}`, by :meth:`KFACOperator.inverse` of that layer alone.
+        """
+        params = [self.preconditioned[i] for i in (f.weight, f.bias) if i is not None]
+        alone = replace(f, weight=0, bias=None if f.bias is None else 1)
+        block = Block(f.name, 0, sum(p.numel() for p in params))
+        (inverse,) = KFACOperator.from_factors(params, [alone], (block,)).inverse(damping).factors
+        return inverse.A, inverse.S
 
     def _factors(self, pairs: list[tuple[Tensor, Tensor]]) -> list[KroneckerFactors]:
         """The layers' :class:`KroneckerFactors` of ``(A, S)`` pairs in layer order."""
@@ -235,16 +292,19 @@ class KFAC(torch.optim.Optimizer):
 
     # ---- data parallelism and checkpoints ------------------------------------------------------
     def _handshake(self, reducer: Reducer, params: list[Tensor]) -> None:
-        if self._agreed_world == reducer.size:
-            return
-        reducer.agree({
+        """Check once per world (and after loading a state) that every rank runs the same optimizer
+        on the same layers (different layers would all-reduce buffers of different sizes).
+        """
+        agree_once(self, reducer, lambda: {
             "optimizer": "KFAC", "parameters": [(tuple(p.shape), str(p.dtype)) for p in params],
+            "preconditioned layers": [name for name, _ in self.layers],
             "hyperparameters": {k: v for k, v in self.param_groups[0].items() if k != "params"},
-            "settings": (self.factor_every, self.inverse_every, self.fisher, self.seed), "steps": self.num_steps,
+            "settings": {"factor_every": self.factor_every, "inverse_every": self.inverse_every,
+                         "fisher": self.fisher, "inverse_placement": self.inverse_placement, "seed": self.seed},
+            "steps": (self.num_steps, self.num_good_steps),
             "generator state": digest(self.generator.get_state()),
-        }, what="KFAC handshake", advice="every rank must build the same model and optimizer (same seed) and load "
-                                         "the same checkpoint")
-        self._agreed_world = reducer.size
+            "loss scale": float(self.grad_scaler.get_scale()) if self.grad_scaler is not None else 1.0,
+        })
 
     def state_dict(self) -> dict:
         out = super().state_dict()
@@ -281,3 +341,15 @@ class KFAC(torch.optim.Optimizer):
                 raise ValueError(f"the state_dict's {what} of layer {name!r} are {list(A.shape)} and {list(S.shape)}, "
                                  f"the layer needs [{d_in}, {d_in}] and [{d_out}, {d_out}]: saved on another model")
         return self._factors(list(saved))
+
+
+def spread_layers(costs: list[int], ranks: int) -> list[int]:
+    """The rank that inverts each layer of ``inverse_placement="spread"``: greedily, the most
+    expensive layer first (ties in layer order), each to the least-loaded rank (the lowest on
+    ties). The same on every rank, which all pass the same ``costs``.
+    """
+    owners, load = [0] * len(costs), [0] * ranks
+    for k in sorted(range(len(costs)), key=lambda k: -costs[k]):
+        owners[k] = min(range(ranks), key=lambda r: load[r])
+        load[owners[k]] += costs[k]
+    return owners

@@ -45,7 +45,7 @@ from secondorder.distributed.reducer import Reducer, check_option, digest, reduc
 from secondorder.linalg.results import Serializable
 from secondorder.operators.base import LinearOperator, _single_block
 from secondorder.operators.params import split_rows
-from secondorder.optim.base import check_generator, check_groups
+from secondorder.optim.base import agree_once, check_generator, check_groups
 
 CURVATURES = ("hessian", "gauss-newton")
 
@@ -304,18 +304,14 @@ class SubsampledNewton(torch.optim.Optimizer):
 
     # ---- data parallelism and checkpoints ----------------------------------------------------------
     def _handshake(self, reducer: Reducer, params: list[Tensor]) -> None:
-        if self._agreed_world == reducer.size:
-            return
-        name = type(self).__name__
-        reducer.agree({
-            "optimizer": name,
+        """Check once per world (and after loading a state) that every rank runs the same optimizer."""
+        agree_once(self, reducer, lambda: {
+            "optimizer": type(self).__name__,
             "parameters (shape, dtype)": [(tuple(p.shape), str(p.dtype)) for p in params],
             "hyperparameters": {k: v for k, v in self.param_groups[0].items() if k != "params"},
             "state": self._scalars(), "curvature": self.curvature, "seed": self.seed,
             "generator state": digest(self.generator.get_state()),
-        }, what=f"{name} handshake", advice="every rank must build the same model and optimizer (same seed) and "
-                                            "load the same checkpoint")
-        self._agreed_world = reducer.size
+        })
 
     def _scalars(self) -> dict:
         """The method's own state between steps (radius, sigma, step size), saved with the counters."""
