@@ -144,6 +144,12 @@ class MFACOperator(LinearOperator):
 
     def load_state_dict(self, state: Any) -> None:
         """Load a :meth:`state_dict` after checking that it fits this window (``ValueError`` before anything changes)."""
+        self.restore(self.checked_state(state))
+
+    def checked_state(self, state: Any) -> tuple[Tensor, Tensor, Tensor, int]:
+        """A :meth:`state_dict` checked against this window's settings and shapes and made ready to
+        :meth:`restore` (copies on this device, :math:`K` refactored), or ``ValueError``; nothing changes.
+        """
         if not isinstance(state, dict):
             raise ValueError(f"an M-FAC window state is a dict of MFACOperator.state_dict(), got {type(state).__name__}")
         mine = {"window": self.window, "dim": self.shape[0], "block_size": self.block_size, "damping": self.damping}
@@ -160,9 +166,11 @@ class MFACOperator(LinearOperator):
                 raise ValueError(f"the saved M-FAC window's {name} is not finite")
         num_added = validation.non_negative_int(state.get("num_added"), "the saved M-FAC window's num_added")
         gram = state["gram"].to(self.device, copy=True)
-        cholesky = self._cholesky(gram)
-        self.gradients = state["gradients"].to(self.device, copy=True)
-        self.gram, self.cholesky, self.num_added = gram, cholesky, num_added
+        return state["gradients"].to(self.device, copy=True), gram, self._cholesky(gram), num_added
+
+    def restore(self, checked: tuple[Tensor, Tensor, Tensor, int]) -> None:
+        """Take a state of :meth:`checked_state`."""
+        self.gradients, self.gram, self.cholesky, self.num_added = checked
 
     def _check_rows(self, rows: Any) -> None:
         d = self.shape[0]

@@ -17,6 +17,7 @@ from secondorder.optim.estimators import (
     StepContext,
 )
 from secondorder.optim.kfac import KFAC
+from secondorder.optim.mfac import MFAC
 from secondorder.optim.newton_mr import NewtonMR
 from secondorder.optim.sophia import SophiaG, SophiaH
 from secondorder.optim.subsampled import NewtonStep
@@ -25,6 +26,6 @@ from secondorder.optim.updates import spatial_average
 
 __all__ = [
     "AdaHessian", "CubicRegularization", "CurvatureEstimator", "Estimate", "GaussNewtonBartlett",
-    "HutchinsonGaussian", "HutchinsonRademacher", "KFAC", "NewtonMR", "NewtonStep", "SophiaG", "SophiaH", "StepContext",
-    "TrustRegion", "spatial_average",
+    "HutchinsonGaussian", "HutchinsonRademacher", "KFAC", "MFAC", "NewtonMR", "NewtonStep", "SophiaG", "SophiaH",
+    "StepContext", "TrustRegion", "spatial_average",
 ]
