@@ -21,7 +21,11 @@ the authors' momentum, an exponential average :math:`v_t = \mu v_{t-1} + (1-\mu)
 with ``storage_dtype=torch.float16``/``bfloat16``); ``block_size`` makes :math:`\hat F` block
 diagonal over chunks of that many consecutive coordinates of the flat parameter vector. Since
 :math:`g_t` itself is in the window, :math:`\hat F_t^{-1} g_t` stays well scaled even for the
-paper's small :math:`\lambda` (outside the span of the window the inverse is :math:`\lambda^{-1}`).
+paper's small :math:`\lambda` (outside the span of the window the inverse is :math:`\lambda^{-1}`);
+but its float32 arithmetic cancels two terms of size :math:`\lambda^{-1}\|g\|`, a relative error of
+about :math:`\varepsilon\kappa`, :math:`\kappa = \lambda_{\max}(GG^\top)/(m\lambda)`
+(:mod:`secondorder.operators.mfac`; ``experiments/mfac_exactness.py``): with large gradients
+and tiny damping use float64 parameters or a larger ``damping``.
 
 **Defaults.** The authors' driver uses :math:`m = 1024`, :math:`\lambda = 10^{-5}`,
 :math:`\eta = 10^{-3}` and no momentum, on a GPU. :math:`m = 1024` keeps 1024 copies of the
