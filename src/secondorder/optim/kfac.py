@@ -10,11 +10,12 @@ and keeps exponential averages :math:`M \leftarrow \beta M + (1-\beta) M_{\text{
 factored-Tikhonov damped factors, :math:`(S + \frac{\sqrt\lambda}\pi I)^{-1}` and
 :math:`(A + \pi\sqrt\lambda I)^{-1}`. The update of a layer is
 
-.. math:: v = (S + \tfrac{\sqrt\lambda}{\pi} I)^{-1}\,\bar G\,(A + \pi\sqrt\lambda I)^{-1} + w\,\bar W,\qquad
+.. math:: v = (S + \tfrac{\sqrt\lambda}{\pi} I)^{-1}\,\bar G\,(A + \pi\sqrt\lambda I)^{-1},\qquad
           \nu = \min\Big(1, \sqrt{\kappa / (\eta^2 \textstyle\sum_{\text{layers}}\langle v, \bar G\rangle)}\Big),
 
-(:math:`\bar G` the gradient of the joint weight and bias, :math:`w` the weight decay, :math:`\kappa`
-``kl_clip``), then heavy-ball momentum :math:`b \leftarrow \mu b + \nu v`, :math:`\theta \leftarrow \theta - \eta b`.
+(:math:`\bar G` the gradient of the joint weight and bias, :math:`\kappa` ``kl_clip``), then the
+weight decay :math:`w` outside the clip (as the reference implementations do) and heavy-ball
+momentum: :math:`b \leftarrow \mu b + \nu v + w\bar W`, :math:`\theta \leftarrow \theta - \eta b`.
 Parameters outside Linear and convolution layers, excluded with ``params=``, take the same momentum
 step on their plain gradient (plus weight decay) and are listed in ``plain_parameters``.
 
