@@ -311,25 +311,37 @@ class KFACOperator(LinearOperator):
         self.num_matvecs = 0
 
     # ---- products -------------------------------------------------------------------------
-    def _joint(self, f: KroneckerFactors, V: Tensor) -> Tensor:
-        """Layer ``f``'s rows of ``V`` ``[P, K]`` as ``[K, d_out, d_in (+1)]``."""
-        K, (d_out, _) = V.shape[1], f.shape
-        W = V[self._slices[f.weight]].T.reshape(K, d_out, -1)
-        return W if f.bias is None else torch.cat([W, V[self._slices[f.bias]].T.unsqueeze(2)], dim=2)
-
-    def _scatter(self, f: KroneckerFactors, X: Tensor, out: Tensor) -> None:
-        K = X.shape[0]
-        if f.bias is None:
-            out[self._slices[f.weight]] = X.reshape(K, -1).T
-        else:
-            out[self._slices[f.weight]] = X[:, :, :-1].reshape(K, -1).T
-            out[self._slices[f.bias]] = X[:, :, -1].T
-
     def _apply(self, V: Tensor, left: Callable[[KroneckerFactors], Tensor],
                right: Callable[[KroneckerFactors], Tensor]) -> Tensor:
+        r"""Per layer ``left(f)`` :math:`\bar V` ``right(f)`` of each column of ``V`` ``[P, K]``.
+
+        Two GEMMs per layer on a ``[d_out, K, d_in (+1)]`` copy of the layer's rows: the left factor
+        acts on the leading index (``[d_out, K (d_in + 1)]``), the right one on the trailing index
+        (``[d_out K, d_in + 1]``), so every product is one large matrix multiplication and the
+        columns are transposed once in and once out (not a batched product per column).
+        """
+        V = V.contiguous()
+        K = V.shape[1]
         out = torch.empty_like(V)
         for f in self.factors:
-            self._scatter(f, left(f) @ self._joint(f, V) @ right(f), out)
+            d_out, d_in = f.shape
+            w = self._slices[f.weight]
+            d_w = d_in - (f.bias is not None)
+            rows, into = V[w].view(d_out, d_w, K), out[w].view(d_out, d_w, K)
+            if K == 1:  # plain matrices: no transposition
+                rows, into = rows.view(d_out, 1, d_w), into.view(d_out, 1, d_w)
+            if f.bias is None and K == 1:
+                Z = rows
+            else:
+                Z = V.new_empty(d_out, K, d_in)
+                Z[:, :, :d_w] = rows.transpose(1, 2) if K > 1 else rows
+                if f.bias is not None:
+                    Z[:, :, d_w] = V[self._slices[f.bias]]
+            Y = torch.mm(torch.mm(left(f), Z.view(d_out, K * d_in)).view(d_out * K, d_in), right(f))
+            Y = Y.view(d_out, K, d_in)
+            into.copy_(Y[:, :, :d_w].transpose(1, 2) if K > 1 else Y[:, :, :d_w])
+            if f.bias is not None:
+                out[self._slices[f.bias]] = Y[:, :, d_w]
         return out
 
     def _matmat(self, V: Tensor) -> Tensor:
