@@ -176,7 +176,9 @@ class KFAC(torch.optim.Optimizer):
         grads = torch.autograd.grad(self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss, wrt,
                                     allow_unused=True,
                                     retain_graph=factor_step and not empirical)
-        local = [n * flat(grads[: len(params)], params) / scale]
+        spread = reducer.distributed  # one process: no sample weights, the gradient is the mean already
+        gradient = flat(grads[: len(params)], params)
+        local = [gradient * (n / scale) if spread else gradient / scale if scale != 1.0 else gradient]
         if factor_step:
             if empirical:
                 S = capture.output_factors(grads[len(params):], float(n) * n / scale**2)
@@ -188,9 +190,10 @@ class KFAC(torch.optim.Optimizer):
         summed = reducer.sum(local + [tail], what="KFAC gradient and factors")
         total = float(summed[-1][1])
         mean_loss = summed[-1][0] / total
-        g = summed[0] / total
+        g = summed[0] / total if spread else summed[0]
         new = [t / total for t in summed[1:-1]]
-        finite = bool(torch.isfinite(g).all()) and all(bool(torch.isfinite(t).all()) for t in new)
+        sums = [t.sum(dtype=torch.float64) for t in (g, *new)]  # NaN or inf propagate; float64 cannot overflow
+        finite = bool(torch.isfinite(torch.stack(sums)).all())  # one check, one synchronisation
         if not math.isfinite(float(mean_loss)):
             raise FloatingPointError(f"the loss at step {step} is {float(mean_loss)}; parameters were not changed")
         if not finite:
@@ -234,7 +237,8 @@ class KFAC(torch.optim.Optimizer):
             inverse = self._inverted(factors, group["damping"], reducer)
         self.factors, self.inverse = factors, inverse
         grads = dict(zip(map(id, params), torch.split(g, [p.numel() for p in params])))
-        G = torch.cat([grads[id(p)] for p in self.preconditioned])
+        same = len(params) == len(self.preconditioned) and all(a is b for a, b in zip(params, self.preconditioned))
+        G = g if same else torch.cat([grads[id(p)] for p in self.preconditioned])
         V = self.inverse @ G
         directions = dict(zip(map(id, self.preconditioned), torch.split(V, [p.numel() for p in self.preconditioned])))
         nu = 1.0
@@ -245,11 +249,14 @@ class KFAC(torch.optim.Optimizer):
         with torch.no_grad():
             for p in params:
                 d = directions.get(id(p), grads[id(p)]).view_as(p)
-                d = nu * d if id(p) in directions else d
-                if group["weight_decay"]:
-                    d = d + group["weight_decay"] * p
+                scale_d = nu if id(p) in directions else 1.0
                 buf = self.state[p].get("momentum_buffer")
-                buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
+                if buf is None:
+                    buf = d * scale_d
+                else:
+                    buf.mul_(group["momentum"]).add_(d, alpha=scale_d)
+                if group["weight_decay"]:
+                    buf.add_(p, alpha=group["weight_decay"])
                 self.state[p]["momentum_buffer"] = buf
                 p.add_(buf, alpha=-group["lr"])
 
@@ -257,7 +264,7 @@ class KFAC(torch.optim.Optimizer):
         """The running averages of the factors with the step's ``new`` ones (the first factors as they are)."""
         pairs = [(new[2 * i], new[2 * i + 1]) for i in range(len(self.layers))]
         if self.factors is not None:
-            pairs = [(decay * old.A + (1 - decay) * A, decay * old.S + (1 - decay) * S)
+            pairs = [(torch.lerp(old.A, A, 1 - decay), torch.lerp(old.S, S, 1 - decay))
                      for old, (A, S) in zip(self.factors, pairs)]
         return self._factors(pairs)
 
