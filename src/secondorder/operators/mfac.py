@@ -9,8 +9,8 @@ For a window of :math:`m` gradients, the rows of :math:`G \in \mathbb R^{m\times
           [\hat F^{-1}]_{qq} = \lambda^{-1}\big(1 - G_{:,q}^\top K^{-1} G_{:,q}\big),\qquad
           K = GG^\top + m\lambda I_m
 
-(Woodbury; the paper's rank-one recursion in closed form). :math:`K` (:math:`m\times m`, float64;
-its entries computed in the products' dtype) is kept with its Cholesky factor :math:`K = LL^\top`: an inverse product costs two products with
+(Woodbury; the paper's rank-one recursion in closed form). :math:`K` (:math:`m\times m`, float64,
+accumulated in float64) is kept with its Cholesky factor :math:`K = LL^\top`: an inverse product costs two products with
 :math:`G` and one :math:`m\times m` solve, :math:`O(dm + m^2)`; the whole inverse diagonal
 :math:`O(dm^2)`. The window is a ring buffer: :meth:`MFACOperator.add` replaces the oldest row, updates
 one row and column of :math:`GG^\top` (:math:`O(dm)`) and refactors (:math:`O(m^3)`). Rows not
@@ -44,6 +44,9 @@ from secondorder.operators.params import make_blocks, select_parameters
 from secondorder.operators.risk import EmpiricalRisk
 
 __all__ = ["MFACInverse", "MFACOperator"]
+
+SLAB = 1 << 16
+"""Coordinates per float64 slab of the window when its Gram matrix is accumulated."""
 
 
 class MFACOperator(LinearOperator):
@@ -121,9 +124,8 @@ class MFACOperator(LinearOperator):
         slot = self.num_added % self.window
         row = self.gradients.new_zeros(self.gradients.shape[1])
         row[: self.shape[0]] = gradient.reshape(-1).to(self.gradients.dtype)  # as stored (rounded)
-        chunk = row.reshape(self.num_chunks, self.block_size).double()  # [n, B]
-        new = torch.einsum("nb,nmb->nm", chunk, self._chunked(self.gradients).double())
-        new[:, slot] = chunk.square().sum(1)
+        new = self._gram(row)  # O(dm): one row (and column) of GG^T
+        new[:, slot] = row.double().reshape(self.num_chunks, self.block_size).square().sum(1)
         gram = self.gram.clone()
         gram[:, slot, :] = new
         gram[:, :, slot] = new
@@ -185,9 +187,24 @@ class MFACOperator(LinearOperator):
         return X.reshape(X.shape[0], self.num_chunks, self.block_size).transpose(0, 1)
 
     def _rebuild(self) -> None:
-        G = self._window()
-        self.gram = (G @ G.transpose(1, 2)).double()
+        self.gram = self._gram(None)
         self._factor()
+
+    def _gram(self, row: Tensor | None) -> Tensor:
+        """Per chunk ``GG^T`` ``[n, m, m]`` (``row=None``) or ``G row`` ``[n, m]``, accumulated in float64
+        over slabs of whole chunks (about ``SLAB`` coordinates each, so the float64 copy stays small):
+        in float32 a Gram entry's rounding, about eps ||g||^2, can exceed m lambda and make K indefinite.
+        """
+        m, B = self.window, self.block_size
+        step = max(1, SLAB // B) * B
+        out = []
+        for c0 in range(0, self.gradients.shape[1], step):
+            G = self.gradients[:, c0:c0 + step].double().reshape(m, -1, B).transpose(0, 1)  # [n', m, B]
+            if row is None:
+                out.append(G @ G.transpose(1, 2))
+            else:
+                out.append((G @ row[c0:c0 + step].double().reshape(-1, B, 1)).squeeze(2))
+        return torch.cat(out)
 
     def _factor(self) -> None:
         self.cholesky = self._cholesky(self.gram)
