@@ -5,7 +5,6 @@ returning bare losses. Every rank holds the same window bit for bit, a step make
 all-reduce, and ranks that disagree (settings, hyperparameters, counters, windows) get a clear
 ValueError on every rank instead of a hang, with nothing changed."""
 
-import contextlib
 import re
 
 import pytest
@@ -14,20 +13,12 @@ import torch
 from secondorder.distributed import launch
 
 from . import mfac_workers as w
+from .compare import differences, one_thread
 from .optim_workers import N
 
 TOLERANCE = 1e-12
 
 
-@contextlib.contextmanager
-def one_thread():
-    """The reference runs as the workers do (one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -46,39 +37,8 @@ def four_ranks():
     return launch(w.equivalence, 4, timeout=60)
 
 
-def leaves(value, path: str = ""):
-    """``(path, value)`` of every tensor and scalar in a nested run or state."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from leaves(item, f"{path}/{key}")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from leaves(item, f"{path}/{i}")
-    else:
-        yield path, value
 
 
-def differences(got: dict, want: dict, tol: float) -> list[str]:
-    """Where two runs differ: floating tensors and floats by more than ``tol`` times their largest
-    magnitude (at least 1), everything else (counters, names) at all."""
-    mine, theirs = dict(leaves(got)), dict(leaves(want))
-    assert mine.keys() == theirs.keys()
-    out = []
-    for path, b in theirs.items():
-        a = mine[path]
-        if isinstance(b, torch.Tensor) and b.is_floating_point():
-            scale = max(1.0, float(b.abs().max()))
-            if a.shape != b.shape or not float((a - b).abs().max()) <= tol * scale:
-                out.append(f"{path} differs by {float((a - b).abs().max()):.1e} (largest {scale:.1e})")
-        elif isinstance(b, torch.Tensor):
-            if not torch.equal(a, b):
-                out.append(f"{path} differs")
-        elif isinstance(b, float):
-            if not abs(a - b) <= tol * max(1.0, abs(b)):
-                out.append(f"{path}: {a!r}, expected {b!r}")
-        elif a != b:
-            out.append(f"{path}: {a!r}, expected {b!r}")
-    return out
 
 
 def runs_of(per_rank: list[dict]) -> list[dict]:

@@ -4,7 +4,6 @@ the Gauss-Newton matrix, whole-batch and sub-sampled curvature (ranks holding no
 included): parameters, every step's record, the Hessian samples and the generator. Ranks hold
 identical bits, and ranks that disagree get a clear ValueError on every rank instead of a hang."""
 
-import contextlib
 import math
 import re
 
@@ -14,6 +13,7 @@ import torch
 from secondorder.distributed import launch
 
 from . import newton_type_workers as w
+from .compare import one_thread
 
 TOLERANCE = 1e-12
 # 4 ranks on 2 cores make every collective slow: there, only the sub-sampled configs (the
@@ -21,15 +21,6 @@ TOLERANCE = 1e-12
 SUBSAMPLED = [i for i, (_, options) in enumerate(w.CONFIGS) if options["hessian_fraction"] < 1]
 
 
-@contextlib.contextmanager
-def one_thread():
-    """The reference runs as the workers do (one thread; two threads on a busy 2-core machine are 5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
