@@ -20,8 +20,6 @@ from .compare import differences, one_thread
 TOLERANCE = 1e-12
 
 
-
-
 @pytest.fixture(scope="module")
 def single_process():
     with one_thread():
@@ -36,10 +34,6 @@ def two_ranks():
 @pytest.fixture(scope="module")
 def four_ranks():
     return launch(w.equivalence, 4, timeout=60)
-
-
-
-
 
 
 def runs_of(per_rank: list[dict]) -> list[dict]:

@@ -19,8 +19,6 @@ from .optim_workers import N
 TOLERANCE = 1e-12
 
 
-
-
 @pytest.fixture(scope="module")
 def single_process():
     with one_thread():
@@ -35,10 +33,6 @@ def two_ranks():
 @pytest.fixture(scope="module")
 def four_ranks():
     return launch(w.equivalence, 4, timeout=60)
-
-
-
-
 
 
 def runs_of(per_rank: list[dict]) -> list[dict]:

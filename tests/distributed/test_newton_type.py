@@ -21,8 +21,6 @@ TOLERANCE = 1e-12
 SUBSAMPLED = [i for i, (_, options) in enumerate(w.CONFIGS) if options["hessian_fraction"] < 1]
 
 
-
-
 @pytest.fixture(scope="module")
 def single_process():
     with one_thread():
