@@ -55,6 +55,16 @@ def filled(d: int, m: int, storage: torch.dtype = torch.float32) -> MFACOperator
     return MFACOperator.from_gradients(G, DAMPING, storage_dtype=storage)
 
 
+def new_rows(d: int):
+    """Fresh gradients to insert, cycling through 8 (re-inserting one gradient would make the window
+    rank-deficient, and a float32 Gram of it indefinite at this damping: the float64 fallback)."""
+    rows = torch.randn(8, d, generator=torch.Generator().manual_seed(1))
+    i = 0
+    while True:
+        yield rows[i % 8]
+        i += 1
+
+
 def woodbury_step(G: torch.Tensor, x: torch.Tensor, damping: float) -> torch.Tensor:
     """The rank-one recursion from scratch (a changed window) and one product: O(d m^2)."""
     m = G.shape[0]
@@ -74,9 +84,9 @@ def scaling(dims: list[int], windows: list[int], reps: int) -> list[dict]:
     for d in dims:
         for m in windows:
             op = filled(d, m)
-            x, g = torch.randn(d), torch.randn(d)
+            x, fresh = torch.randn(d), new_rows(d)
             product = median_time(lambda: op.inverse_product(x), reps)
-            insert = median_time(lambda: op.add(g), reps)
+            insert = median_time(lambda: op.add(next(fresh)), reps)
             half = filled(d, m, torch.float16)
             rows.append({"d": d, "m": m, "product_ms": 1e3 * product, "insert_ms": 1e3 * insert,
                          "ns_per_dm": 1e9 * product / (d * m),
@@ -87,10 +97,10 @@ def scaling(dims: list[int], windows: list[int], reps: int) -> list[dict]:
 
 def against_woodbury(d: int, m: int, reps: int) -> dict:
     op = filled(d, m)
-    g, x = torch.randn(d), torch.randn(d)
+    x, fresh = torch.randn(d), new_rows(d)
 
     def ours():
-        op.add(g)
+        op.add(next(fresh))
         return op.inverse_product(x)
 
     window = op.gradients[:, :d]

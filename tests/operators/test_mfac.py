@@ -121,3 +121,19 @@ def test_bad_input_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="not finite"):
         op.add(bad)
     assert torch.equal(op.gradients, before[0]) and torch.equal(op.gram, before[1]) and op.num_added == before[2]
+
+
+def test_large_gradients_and_tiny_damping_in_float32_fall_back_to_a_float64_gram():
+    """Nearly equal rows of norm ~1e4 at lambda = 1e-9 (GG^T nearly singular): a float32 Gram
+    entry's rounding (~eps ||g||^2) dwarfs m lambda and K = GG^T + m lambda I comes out
+    indefinite; the window then accumulates its Gram matrix in float64 (exact for the stored rows)
+    instead of failing."""
+    G = 100 * torch.randn(1, 20000, generator=gen(9)).repeat(8, 1) + 1e-2 * torch.randn(8, 20000, generator=gen(11))
+    op = MFACOperator.from_gradients(G, 1e-9)
+    exact = G.double() @ G.double().T
+    assert torch.allclose(op._gram(None, exact=True)[0], exact, rtol=1e-13)
+    fast = op._gram(None, exact=False)
+    assert op._try_cholesky(fast) is None  # the float32 Gram alone fails here
+    assert torch.allclose(op.gram[0], exact, rtol=1e-13)
+    op.add(G[0] + 1e-2 * torch.randn(20000, generator=gen(10)))  # an insertion takes the same way out
+    assert torch.allclose(op.gram[0], op._gram(None, exact=True)[0], rtol=1e-13)

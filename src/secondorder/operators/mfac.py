@@ -9,8 +9,9 @@ For a window of :math:`m` gradients, the rows of :math:`G \in \mathbb R^{m\times
           [\hat F^{-1}]_{qq} = \lambda^{-1}\big(1 - G_{:,q}^\top K^{-1} G_{:,q}\big),\qquad
           K = GG^\top + m\lambda I_m
 
-(Woodbury; the paper's rank-one recursion in closed form). :math:`K` (:math:`m\times m`, float64,
-accumulated in float64) is kept with its Cholesky factor :math:`K = LL^\top`: an inverse product costs two products with
+(Woodbury; the paper's rank-one recursion in closed form). :math:`K` (:math:`m\times m`, float64;
+its entries from the products' dtype, or accumulated in float64 where float32 rounding would make it
+indefinite) is kept with its Cholesky factor :math:`K = LL^\top`: an inverse product costs two products with
 :math:`G` and one :math:`m\times m` solve, :math:`O(dm + m^2)`; the whole inverse diagonal
 :math:`O(dm^2)`. The window is a ring buffer: :meth:`MFACOperator.add` replaces the oldest row, updates
 one row and column of :math:`GG^\top` (:math:`O(dm)`) and refactors (:math:`O(m^3)`). Rows not
@@ -46,6 +47,7 @@ from secondorder.operators.risk import EmpiricalRisk
 __all__ = ["MFACInverse", "MFACOperator"]
 
 SLAB = 1 << 16
+INDEFINITE = "GG^T + m*lambda*I is not positive definite in float64: raise the damping"
 """Coordinates per float64 slab of the window when its Gram matrix is accumulated."""
 
 
@@ -124,12 +126,11 @@ class MFACOperator(LinearOperator):
         slot = self.num_added % self.window
         row = self.gradients.new_zeros(self.gradients.shape[1])
         row[: self.shape[0]] = gradient.reshape(-1).to(self.gradients.dtype)  # as stored (rounded)
-        new = self._gram(row)  # O(dm): one row (and column) of GG^T
-        new[:, slot] = row.double().reshape(self.num_chunks, self.block_size).square().sum(1)
-        gram = self.gram.clone()
-        gram[:, slot, :] = new
-        gram[:, :, slot] = new
-        cholesky = self._cholesky(gram)
+        gram, cholesky = self._inserted(row, slot, exact=False)  # O(dm): one row (and column) of GG^T
+        if cholesky is None:  # the products' rounding made K indefinite: the row in float64
+            gram, cholesky = self._inserted(row, slot, exact=True)
+        if cholesky is None:
+            raise FloatingPointError(INDEFINITE)
         self.gradients[slot] = row
         self.gram, self.cholesky = gram, cholesky
         self.num_added += 1
@@ -186,15 +187,34 @@ class MFACOperator(LinearOperator):
         """Rows ``[r, padded]`` as ``[num_chunks, r, B]``."""
         return X.reshape(X.shape[0], self.num_chunks, self.block_size).transpose(0, 1)
 
+    def _inserted(self, row: Tensor, slot: int, exact: bool) -> tuple[Tensor, Tensor | None]:
+        """The Gram matrix with ``row`` in ``slot`` and its Cholesky factor (``None``: not positive
+        definite); ``exact``: all of it accumulated in float64 (the fallback), else one new row.
+        """
+        new = self._gram(row, exact)
+        new[:, slot] = row.double().reshape(self.num_chunks, self.block_size).square().sum(1)
+        gram = self._gram(None, exact=True) if exact else self.gram.clone()
+        gram[:, slot, :] = new
+        gram[:, :, slot] = new
+        return gram, self._try_cholesky(gram)
+
     def _rebuild(self) -> None:
-        self.gram = self._gram(None)
+        self.gram = self._gram(None, exact=False)
+        if self._try_cholesky(self.gram) is None:
+            self.gram = self._gram(None, exact=True)
         self._factor()
 
-    def _gram(self, row: Tensor | None) -> Tensor:
-        """Per chunk ``GG^T`` ``[n, m, m]`` (``row=None``) or ``G row`` ``[n, m]``, accumulated in float64
-        over slabs of whole chunks (about ``SLAB`` coordinates each, so the float64 copy stays small):
-        in float32 a Gram entry's rounding, about eps ||g||^2, can exceed m lambda and make K indefinite.
+    def _gram(self, row: Tensor | None, exact: bool) -> Tensor:
+        """Per chunk ``GG^T`` ``[n, m, m]`` (``row=None``) or ``G row`` ``[n, m]``, in float64: in the
+        products' dtype, or (``exact``) accumulated in float64 over slabs of whole chunks (about
+        ``SLAB`` coordinates each, so the float64 copy stays small; ~10x slower for a float32 window).
+        In float32 a Gram entry's rounding, about eps ||g||^2, can exceed m lambda and make K
+        indefinite (large gradients, tiny damping); only then is the exact one computed.
         """
+        if not exact or self.dtype == torch.float64 == self.gradients.dtype:
+            G = self._window()
+            return ((G @ G.transpose(1, 2)) if row is None else (G @ row.to(self.dtype).reshape(
+                self.num_chunks, self.block_size, 1)).squeeze(2)).double()
         m, B = self.window, self.block_size
         step = max(1, SLAB // B) * B
         out = []
@@ -211,12 +231,16 @@ class MFACOperator(LinearOperator):
 
     def _cholesky(self, gram: Tensor) -> Tensor:
         r"""The Cholesky factors of :math:`K = GG^\top + m\lambda I` for ``gram`` :math:`GG^\top` (nothing stored)."""
+        L = self._try_cholesky(gram)
+        if L is None:
+            raise FloatingPointError(INDEFINITE)
+        return L
+
+    def _try_cholesky(self, gram: Tensor) -> Tensor | None:
         m = self.window
         K = gram + m * self.damping * torch.eye(m, dtype=torch.float64, device=self.device)
         L, info = torch.linalg.cholesky_ex(K)
-        if bool((info != 0).any()):
-            raise FloatingPointError("GG^T + m*lambda*I is not positive definite in float64: raise the damping")
-        return L
+        return None if bool((info != 0).any()) else L
 
     # ---- products -------------------------------------------------------------------------
     def _padded(self, V: Tensor) -> Tensor:
