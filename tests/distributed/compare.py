@@ -4,6 +4,7 @@ differences between two nested runs (tensors, floats, counters, generator states
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -52,3 +53,14 @@ def differences(got: dict, want: dict, tol: float) -> list[str]:
         elif a != b:
             out.append(f"{path}: {a!r}, expected {b!r}")
     return out
+
+
+def assert_refusals(bad: dict, expected: list[str]) -> None:
+    """A rank's ``bad`` record of a disagreement worker: one message per case matching each pattern
+    of ``expected`` in turn (the last case agrees: ``no error``), and every refused step left
+    everything untouched."""
+    messages, untouched = bad["messages"], bad["untouched"]
+    assert len(messages) == len(expected)
+    for message, pattern in zip(messages, expected):
+        assert re.search(pattern, message), (pattern, message)
+    assert untouched == [True] * (len(expected) - 1) + [False]  # a refused step changes nothing
