@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from secondorder import MFACOperator
-from secondorder.prune import inverse_blocks, obd_saliency, obs_saliency, obs_update, select_pruned
+from secondorder.prune import obd_saliency, obs_saliency, obs_update, select_pruned
 
 D = torch.float64
 
@@ -34,7 +34,7 @@ def problem():
 
 def test_inverse_blocks_are_the_dense_block_inverses(problem):
     op, F, _ = problem
-    blocks = inverse_blocks(op)
+    blocks = op.inverse_blocks()
     assert blocks.shape == (3, 8, 8)
     Finv = torch.linalg.inv(F)
     for b, (lo, hi) in enumerate([(0, 8), (8, 16), (16, 20)]):

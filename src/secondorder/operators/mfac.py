@@ -274,11 +274,26 @@ class MFACOperator(LinearOperator):
         r""":math:`\hat F^{-1}` as an operator: a live view (it follows later :meth:`add` calls)."""
         return MFACInverse(self)
 
+    def _whitened(self, start: int = 0, stop: int | None = None) -> Tensor:
+        r""":math:`W_b = L_b^{-1} G_b` of chunks ``start:stop``, ``[n, m, B]`` float64, so that
+        :math:`\hat F_b^{-1} = \lambda^{-1}(I - W_b^\top W_b)`.
+        """
+        G = self._chunked(self.gradients)[start:stop].double()
+        return torch.linalg.solve_triangular(self.cholesky[start:stop], G, upper=False)
+
     def inverse_diagonal(self) -> Tensor:
         r"""The diagonal of :math:`\hat F^{-1}`, ``[d]``: :math:`\lambda^{-1}(1 - \|L^{-1}G_{:,q}\|^2)`."""
-        W = torch.linalg.solve_triangular(self.cholesky, self._chunked(self.gradients).double(), upper=False)
-        inside = W.square().sum(1)  # [n, B]
+        inside = self._whitened().square().sum(1)  # [n, B]
         return ((1 - inside) / self.damping).reshape(-1)[: self.shape[0]].to(self.dtype)
+
+    def inverse_blocks(self, start: int = 0, stop: int | None = None) -> Tensor:
+        r"""The diagonal blocks :math:`\hat F_b^{-1} = \lambda^{-1}(I - W_b^\top W_b)` of chunks
+        ``start:stop``, ``[n, B, B]`` float64 (the last chunk's padding rows and columns are
+        :math:`\lambda^{-1}I`, inert).
+        """
+        W = self._whitened(start, stop)
+        eye = torch.eye(self.block_size, dtype=torch.float64, device=W.device)
+        return (eye - W.transpose(1, 2) @ W) / self.damping
 
     def __repr__(self) -> str:
         return (f"MFACOperator(dim={self.shape[0]}, window={self.window}, filled={min(self.num_added, self.window)}, "

@@ -22,7 +22,6 @@ from secondorder.prune.pruning import (
     target_count,
 )
 from secondorder.prune.saliency import (
-    inverse_blocks,
     magnitude_saliency,
     obd_saliency,
     obs_saliency,
@@ -39,7 +38,6 @@ __all__ = [
     "PruningMask",
     "PruningResult",
     "finetune",
-    "inverse_blocks",
     "magnitude_saliency",
     "masked",
     "mean_loss",

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from secondorder.operators.mfac import MFACOperator
 
-__all__ = ["inverse_blocks", "magnitude_saliency", "obd_saliency", "obs_saliency", "obs_update", "select_pruned"]
+__all__ = ["magnitude_saliency", "obd_saliency", "obs_saliency", "obs_update", "select_pruned"]
 
 _BLOCKS_AT_ONCE = 512  # blocks of B x B float64 formed at a time (512 * 128^2 * 8 bytes = 64 MiB)
 
@@ -106,19 +106,6 @@ def select_pruned(saliency: Tensor, count: int, already: Tensor | None = None) -
     return out
 
 
-def inverse_blocks(op: MFACOperator, start: int = 0, stop: int | None = None) -> Tensor:
-    r"""The diagonal blocks :math:`\hat F_b^{-1} = \lambda^{-1}(I - W_b^\top W_b)` of chunks
-    ``start:stop``, ``[n, B, B]`` float64 (the last chunk's padding rows and columns are
-    :math:`\lambda^{-1}I`, inert).
-    """
-    stop = op.num_chunks if stop is None else stop
-    B, m = op.block_size, op.window
-    G = op.gradients.reshape(m, op.num_chunks, B).transpose(0, 1)[start:stop].double()  # [n, m, B]
-    W = torch.linalg.solve_triangular(op.cholesky[start:stop], G, upper=False)
-    eye = torch.eye(B, dtype=torch.float64, device=G.device)
-    return (eye - W.transpose(1, 2) @ W) / op.damping
-
-
 def obs_update(op: MFACOperator, weights: Tensor, pruned: Tensor) -> Tensor:
     r"""The OBS compensating update :math:`\delta^\star` (module docstring) for removing the entries
     ``pruned`` (bool ``[d]``) of ``weights`` ``[d]`` under the block-diagonal :math:`\hat F` of ``op``;
@@ -141,7 +128,7 @@ def obs_update(op: MFACOperator, weights: Tensor, pruned: Tensor) -> Tensor:
         qb = qp[lo:hi].double()  # [k, B]
         if not bool(qb.any()):
             continue  # nothing pruned in these blocks: they do not move
-        Finv = inverse_blocks(op, lo, hi)
+        Finv = op.inverse_blocks(lo, hi)
         S = qb[:, :, None] * Finv * qb[:, None, :] + torch.diag_embed(1 - qb)  # E_Q^T Finv E_Q, identity elsewhere
         z = torch.linalg.solve(S, (qb * wp[lo:hi]).unsqueeze(-1))  # (E_Q^T Finv E_Q)^{-1} w_Q, zero outside Q
         out[lo:hi] = -(Finv @ z).squeeze(-1)
