@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import secondorder.operators.kfac as operators_kfac
+import secondorder.optim.kfac as optim_kfac
 from secondorder.distributed import current_world
-from secondorder.operators.kfac import KFACOperator
 from secondorder.optim import KFAC
 
 from .newton_type_workers import SHARDS, shard_rows
@@ -76,18 +77,22 @@ def closure(net: Net, X: torch.Tensor, y: torch.Tensor):
 
 @contextlib.contextmanager
 def recording_inversions(names: list[str]):
-    """Append the name of every layer :meth:`KFACOperator.inverse` inverts to ``names``."""
-    original = KFACOperator.inverse
+    """Append the name of every layer :func:`~secondorder.operators.kfac.damped_inverse` inverts to
+    ``names`` (what ``KFACOperator.inverse`` and the spread inversions call, per layer)."""
+    original = operators_kfac.damped_inverse
 
-    def recorded(self, damping):
-        names.extend(f.name for f in self.factors)
-        return original(self, damping)
+    def recorded(f, damping):
+        names.append(f.name)
+        return original(f, damping)
 
-    KFACOperator.inverse = recorded  # type: ignore[method-assign]
+    modules = (operators_kfac, optim_kfac)
+    for module in modules:
+        module.damped_inverse = recorded  # type: ignore[attr-defined]
     try:
         yield
     finally:
-        KFACOperator.inverse = original  # type: ignore[method-assign]
+        for module in modules:
+            module.damped_inverse = original  # type: ignore[attr-defined]
 
 
 def train(config: int, placement: str, rows: torch.Tensor, **options) -> dict:

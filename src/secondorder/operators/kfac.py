@@ -366,13 +366,17 @@ class KFACOperator(LinearOperator):
     def inverse(self, damping: float) -> "KFACOperator":
         """The inverse of the factored-Tikhonov damped operator (module docstring), as an operator."""
         damping = validation.positive_finite(damping, "damping")
-        inverted = []
-        for f, (la, qa, ls, qs) in zip(self.factors, self.factor_eigendecomposition()):
-            pi = damped_pi(f)
-            a = (qa / (la.clamp_min(0) + pi * math.sqrt(damping))) @ qa.T
-            s = (qs / (ls.clamp_min(0) + math.sqrt(damping) / pi)) @ qs.T
-            inverted.append(replace(f, A=a, S=s))
-        return type(self).from_factors(self.params, inverted, self.blocks)
+        return type(self).from_factors(self.params, [damped_inverse(f, damping) for f in self.factors], self.blocks)
+
+
+def damped_inverse(f: KroneckerFactors, damping: float) -> KroneckerFactors:
+    r"""One layer's factored-Tikhonov damped inverse factors :math:`(A + \pi\sqrt\lambda I)^{-1}` and
+    :math:`(S + \frac{\sqrt\lambda}\pi I)^{-1}` (eigenvalues clamped at 0), by the factors' eigenpairs.
+    """
+    (la, qa), (ls, qs), pi = torch.linalg.eigh(f.A), torch.linalg.eigh(f.S), damped_pi(f)
+    a = (qa / (la.clamp_min(0) + pi * math.sqrt(damping))) @ qa.T
+    s = (qs / (ls.clamp_min(0) + math.sqrt(damping) / pi)) @ qs.T
+    return replace(f, A=a, S=s)
 
 
 def damped_pi(f: KroneckerFactors) -> float:

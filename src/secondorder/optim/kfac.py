@@ -56,12 +56,12 @@ from torch import Tensor, nn
 
 from secondorder import validation
 from secondorder.distributed.reducer import Reducer, check_option, digest, reducer_for
-from secondorder.operators.base import Block
 from secondorder.operators.kfac import (
     Capture,
     KFACOperator,
     KroneckerFactors,
     check_logits,
+    damped_inverse,
     output_factors,
     supported_layers,
 )
@@ -275,22 +275,14 @@ class KFAC(torch.optim.Optimizer):
         if self.inverse_placement == "replicated":
             return KFACOperator.from_factors(self.preconditioned, factors, self.blocks).inverse(damping)
         owners = spread_layers([f.A.shape[0] ** 3 + f.S.shape[0] ** 3 for f in factors], reducer.size)
-        local = [t for f, owner in zip(factors, owners)
-                 for t in (self._layer_inverse(f, damping) if owner == reducer.rank
-                           else (torch.zeros_like(f.A), torch.zeros_like(f.S)))]
+        local: list[Tensor] = []
+        for f, owner in zip(factors, owners):  # this rank's layers inverted, zeros for the others'
+            mine = damped_inverse(f, damping) if owner == reducer.rank else \
+                replace(f, A=torch.zeros_like(f.A), S=torch.zeros_like(f.S))
+            local += [mine.A, mine.S]
         summed = reducer.sum(local, what="KFAC inverses")
         inverted = [replace(f, A=A, S=S) for f, A, S in zip(factors, summed[0::2], summed[1::2])]
         return KFACOperator.from_factors(self.preconditioned, inverted, self.blocks)
-
-    def _layer_inverse(self, f: KroneckerFactors, damping: float) -> tuple[Tensor, Tensor]:
-        r"""One layer's damped inverse factors :math:`(A + \pi\sqrt\lambda I)^{-1}` and
-        :math:`(S + \frac{\sqrt\lambda}\pi I)^{-1}`, by :meth:`KFACOperator.inverse` of that layer alone.
-        """
-        params = [self.preconditioned[i] for i in (f.weight, f.bias) if i is not None]
-        alone = replace(f, weight=0, bias=None if f.bias is None else 1)
-        block = Block(f.name, 0, sum(p.numel() for p in params))
-        (inverse,) = KFACOperator.from_factors(params, [alone], (block,)).inverse(damping).factors
-        return inverse.A, inverse.S
 
     def _factors(self, pairs: list[tuple[Tensor, Tensor]]) -> list[KroneckerFactors]:
         """The layers' :class:`KroneckerFactors` of ``(A, S)`` pairs in layer order."""
