@@ -102,6 +102,13 @@ def non_negative(value: Any, name: str) -> float:
     return float(value)
 
 
+def fraction(value: Any, name: str) -> float:
+    """A real number in ``[0, 1)`` (a momentum, a decay; NaN refused)."""
+    if not isinstance(value, Real) or isinstance(value, bool) or not 0 <= float(value) < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
 def one_of(value: T, name: str, options: Collection[T]) -> T:
     """``value`` if it is one of ``options``."""
     if value not in options:

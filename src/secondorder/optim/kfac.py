@@ -107,13 +107,11 @@ class KFAC(torch.optim.Optimizer):
                  inverse_placement: str = "replicated") -> None:
         validation.non_negative(lr, "lr")
         validation.positive_finite(damping, "damping (the factored Tikhonov lambda)")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        validation.fraction(momentum, "momentum")
         validation.non_negative(weight_decay, "weight_decay")
         if kl_clip is not None:
             validation.positive_finite(kl_clip, "kl_clip")
-        if not 0 <= factor_decay < 1:
-            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay}")
+        validation.fraction(factor_decay, "factor_decay")
         self.factor_every = validation.positive_int(factor_every, "factor_every")
         self.inverse_every = validation.positive_int(inverse_every, "inverse_every")
         self.fisher = validation.one_of(fisher, "fisher", FISHERS)

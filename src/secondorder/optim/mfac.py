@@ -106,7 +106,7 @@ class MFAC(torch.optim.Optimizer):
         validation.non_negative(lr, "lr")
         self.damping = validation.positive_finite(damping, "damping (lambda)")
         self.window = validation.positive_int(window, "window (the number of gradients m)")
-        check_momentum(momentum)
+        validation.fraction(momentum, "momentum")
         validation.non_negative(weight_decay, "weight_decay")
         self.block_size = validation.optional_positive_int(block_size, "block_size")
         if storage_dtype not in STORAGE:
@@ -116,7 +116,7 @@ class MFAC(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         for group in self.param_groups[1:]:
             validation.non_negative(group["lr"], "lr")
-            check_momentum(group["momentum"])
+            validation.fraction(group["momentum"], "momentum")
             validation.non_negative(group["weight_decay"], "weight_decay")
         params = self._params()
         if not params:
@@ -267,12 +267,6 @@ class MFAC(torch.optim.Optimizer):
         self.operator.restore(window)
         self.num_steps, self.num_good_steps = extra["num_steps"], extra["num_good_steps"]
         self._agreed_world = None
-
-
-def check_momentum(momentum: Any) -> None:
-    """``ValueError`` unless ``momentum`` is a number in [0, 1)."""
-    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
 
 
 def _loss_and_count(out: Any, step: int) -> tuple[Tensor, float]:
