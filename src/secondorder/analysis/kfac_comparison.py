@@ -60,8 +60,11 @@ class KFACComparison(Serializable):
 
 def top_eigenvalues(op: KFACOperator, k: int) -> torch.Tensor:
     """The ``k`` largest eigenvalues of a K-FAC operator, exactly, from its factors' eigenvalues."""
-    products = [torch.outer(ls, la).flatten() for la, _, ls, _ in op.factor_eigendecomposition()]
-    return torch.cat(products).topk(k).values
+    return _largest_products(op.factor_eigendecomposition(), k)
+
+
+def _largest_products(eig: list[tuple[torch.Tensor, ...]], k: int) -> torch.Tensor:
+    return torch.cat([torch.outer(ls, la).flatten() for la, _, ls, _ in eig]).topk(k).values
 
 
 def frobenius_distance(G: LinearOperator, K: LinearOperator, num_probes: int, seed: int) -> tuple[float, float]:
@@ -88,12 +91,13 @@ def compare_kfac(G: LinearOperator, K: KFACOperator, ggn_trace: TraceResult, ggn
     """
     k = ggn_top.eigenvalues.numel()
     distance, stderr = frobenius_distance(G, K, num_probes, seed)
-    exact = {f.name: (f, e) for f, e in zip(K.factors, K.factor_eigendecomposition())}
+    eig = K.factor_eigendecomposition()
+    exact = {f.name: (f, e) for f, e in zip(K.factors, eig)}
     layers = []
     for b in ggn_trace.blocks:
         f, (la, _, ls, _) = exact[b.name]
         layers.append(KFACLayer(b.name, b.size, float(torch.trace(f.S) * torch.trace(f.A)), b.value, b.stderr,
                                 float(ls.max() * la.max()), float(ggn_blocks[b.name].eigenvalues[0])))
     return KFACComparison(trace=K.trace(), ggn_trace=ggn_trace.value, ggn_trace_stderr=ggn_trace.stderr,
-                          top=tuple(top_eigenvalues(K, k).tolist()), ggn_top=tuple(ggn_top.eigenvalues.tolist()),
+                          top=tuple(_largest_products(eig, k).tolist()), ggn_top=tuple(ggn_top.eigenvalues.tolist()),
                           distance=distance, distance_stderr=stderr, num_probes=num_probes, layers=tuple(layers))
