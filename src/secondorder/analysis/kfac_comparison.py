@@ -63,7 +63,7 @@ def top_eigenvalues(op: KFACOperator, k: int) -> torch.Tensor:
     return _largest_products(op.factor_eigendecomposition(), k)
 
 
-def _largest_products(eig: list[tuple[torch.Tensor, ...]], k: int) -> torch.Tensor:
+def _largest_products(eig: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], k: int) -> torch.Tensor:
     return torch.cat([torch.outer(ls, la).flatten() for la, _, ls, _ in eig]).topk(k).values
 
 
