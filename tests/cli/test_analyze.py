@@ -76,14 +76,46 @@ def test_kfac_beside_the_gauss_newton_matrix(project, capsys):
     (["--model", "clinets:make_net", "--data", "clinets:batches", "--loss", "x:y"], "cannot import 'x'"),
     (["--model", "clinets:make_net", "--data", "clinets:batches", "--top-k", "0"], "top_k"),
     (["--checkpoint", "first.pt"], "--model and --data go together"),
+    (["--lr", "-1"], "positive finite"),
+    (["--momentum", "1.5"], "momentum must lie in [0, 1)"),
+    (["--optimizer-state", "adam.pt"], "is for your --model"),
+    (["--model", "clinets:make_net", "--data", "clinets:batches", "--momentum", "0.9"], "--momentum needs --lr"),
+    (["--model", "clinets:make_net", "--data", "clinets:batches", "--optimizer-state", "adam.pt", "--lr", "1"],
+     "give it or --lr"),
+    (["--model", "clinets:make_net", "--data", "clinets:batches", "--optimizer-state", "absent.pt"], "cannot read"),
+    (["--model", "clinets:make_net", "--data", "clinets:batches", "--optimizer-state", "fresh.pt"],
+     "take at least one step"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(project, capsys, args, message):
-    root, _ = project
+    root, clinets = project
+    net = clinets.make_net()
+    torch.save(torch.optim.Adam(net.parameters()).state_dict(), root / "fresh.pt")  # no step taken
     before = sorted(p.name for p in root.iterdir())
     assert main(["analyze", *args, "--quiet", "--out", "rep"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("secondorder: error:") and len(err.splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in root.iterdir()) == before  # no rep/, no temporary directory left
+
+
+def test_stability_from_the_learning_rate_or_the_saved_optimizer(project, capsys):
+    root, clinets = project
+    net = clinets.make_net()
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    X, y = clinets.batches()[0]
+    F.cross_entropy(net(X), y).backward()
+    opt.step()
+    torch.save(net.state_dict(), root / "net.pt")
+    torch.save(opt.state_dict(), root / "adam.pt")
+    assert main(own("--checkpoint", "net.pt", "--optimizer-state", "adam.pt", "--no-landscape", "--out", "a")) == 0
+    assert "Linear stability at the training learning rate (adam, lr 0.02" in capsys.readouterr().out
+    saved = HessianAnalysis.from_dict(json.loads((root / "a" / "summary.json").read_text())["analysis"])
+    api = analyze(net, F.cross_entropy, clinets.batches(), top_k=2, trace_matvecs=9, slq_probes=1, slq_steps=8,
+                  max_matvecs=300, landscape=False, seed=0, optimizer=opt)
+    assert saved.stability == api.stability and saved.stability.preconditioned.threshold == pytest.approx(38 / 0.02)
+    assert main(own("--lr", "0.5", "--momentum", "0.9", "--no-landscape", "--out", "b")) == 0
+    s = HessianAnalysis.from_dict(json.loads((root / "b" / "summary.json").read_text())["analysis"]).stability
+    assert s.rule == "heavy-ball" and s.sharpness.threshold == pytest.approx(3.8 / 0.5) and s.trace is not None
+    assert "value / bound" in (root / "b" / "report.md").read_text()
 
 
 def test_a_library_error_is_not_masked_as_bad_input(project, monkeypatch):
@@ -105,6 +137,8 @@ def test_default_model_and_global_rng(tmp_path, capsys):
     saved = json.loads((out / "summary.json").read_text())
     assert saved["analysis"]["num_parameters"] == 3018 and saved["analysis"]["num_samples"] == 4000
     assert [p["step"] for p in saved["evolution"]] == [0, 32]
+    assert all(p["stability"]["sharpness"]["threshold"] == pytest.approx(38.0) for p in saved["evolution"])
+    assert saved["analysis"]["stability"]["rule"] == "heavy-ball" and saved["analysis"]["stability"]["lr"] == 0.1
     assert "test accuracy" in saved["context"]
     assert "report:" in capsys.readouterr().out
 

@@ -1,10 +1,16 @@
-"""The Hessian over training: top eigenvalue and trace at checkpoints, or live from a training callback.
+r"""The Hessian over training: top eigenvalue and trace at checkpoints, or live from a training callback.
 
 Yao et al. (NeurIPS 2018) and PyHessian (2020) follow the top eigenvalue and the trace through
 training; the sharpening and flattening they show is what :class:`HessianTracker` records. Each
 record is the same measurement: the top eigenvalue by Lanczos (with its residual) and the
 Hutch++ trace (with its standard error) of the data-set loss, at a fixed seed, so records differ
 only through the weights.
+
+Given the learning rate (or the optimizer itself, read live at each record), every record also
+holds the stability checks of :mod:`secondorder.analysis.stability`: the top eigenvalue against
+2/lr (or its momentum's bound), the trace against SGD's bound and, for adaptive optimizers, the
+preconditioned sharpness :math:`\lambda_{\max}(P^{-1}H)`: an edge-of-stability curve (Cohen et
+al., ICLR 2021; 2022 for adaptive methods), taken every ``every`` steps.
 """
 
 from __future__ import annotations
@@ -17,8 +23,16 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from secondorder.analysis.stability import (
+    StabilityCheck,
+    plain_preconditioner,
+    preconditioned_top,
+    preconditioner_for,
+    stability_check,
+)
 from secondorder.linalg import eigenvalues, trace
 from secondorder.operators.curvature import HessianOperator
+from secondorder.validation import positive_int
 
 __all__ = ["EvolutionPoint", "HessianTracker", "hessian_evolution"]
 
@@ -33,16 +47,22 @@ class EvolutionPoint:
     top_residual: float
     trace: float
     trace_stderr: float
+    stability: StabilityCheck | None = None
 
 
 class HessianTracker:
-    """A training callback: ``tracker(step, model)`` records an :class:`EvolutionPoint`.
+    """A training callback: ``tracker(step, model)`` records an :class:`EvolutionPoint` at every
+    ``every``-th step (``step % every == 0``; other calls return ``None`` at no cost).
 
     Args:
         loss_fn, data, params: as for :class:`~secondorder.HessianOperator` (use a fixed
             analysis subset of the training data; every call measures on the same batches).
         trace_matvecs: Hutch++ budget per record.
         seed: probes and start vectors (the same for every record).
+        lr, momentum: the training learning rate and heavy-ball momentum, for the stability checks.
+        optimizer: instead of ``lr``: the live optimizer (read at each record, so schedules and
+            adaptive denominators are followed); adaptive ones add the preconditioned sharpness.
+        every: the recording cadence in steps.
         **operator_kwargs: passed to the operator (``closure=True``, ...).
 
     The model is only read: its mode, parameters, buffers and the global RNG are left as they were.
@@ -50,18 +70,28 @@ class HessianTracker:
     """
 
     def __init__(self, loss_fn: Callable, data: Any, params: Any = None, trace_matvecs: int = 30, seed: int = 0,
+                 lr: float | None = None, momentum: float = 0.0, optimizer: Any = None, every: int = 1,
                  **operator_kwargs: Any):
+        if optimizer is not None and lr is not None:
+            raise ValueError("give the learning rate or the optimizer (whose learning rate is read), not both")
+        if lr is not None:
+            plain_preconditioner(lr, momentum)  # checked now, not at the first record
         self.loss_fn, self.data, self.params = loss_fn, data, params
         self.trace_matvecs, self.seed, self.operator_kwargs = trace_matvecs, seed, operator_kwargs
+        self.lr, self.momentum, self.optimizer, self.every = lr, momentum, optimizer, positive_int(every, "every")
         self.points: list[EvolutionPoint] = []
 
-    def __call__(self, step: int, model: nn.Module) -> EvolutionPoint:
+    def __call__(self, step: int, model: nn.Module) -> EvolutionPoint | None:
+        if step % self.every:
+            return None
         op = HessianOperator(model, self.loss_fn, self.data, self.params, seed=self.seed, **self.operator_kwargs)
+        pre = preconditioner_for(op, self.lr, self.momentum, self.optimizer)
         loss, _ = op.loss_and_gradient(gradient=False)
         top = eigenvalues(op, 1, seed=self.seed)
         tr = trace(op, self.trace_matvecs, seed=self.seed)
+        stability = None if pre is None else stability_check(top, tr, pre, preconditioned_top(op, pre, self.seed))
         point = EvolutionPoint(int(step), loss, float(top.eigenvalues[0]), float(top.residuals[0]), tr.value,
-                               tr.stderr)
+                               tr.stderr, stability)
         self.points.append(point)
         return point
 

@@ -12,6 +12,10 @@ r"""The Hessian report of a trained network: what PyHessian computes (Yao, Ghola
 * per layer (diagonal block :math:`C_{bb}`): trace from the same probes, trace per parameter
   (HAWQ-V2's sensitivity) and top eigenvalue (HAWQ-V1's);
 * optionally the 1-D and 2-D loss landscapes along the top eigenvectors and random directions;
+* with a learning rate (or the optimizer itself), the linear-stability checks of
+  :mod:`secondorder.analysis.stability`: :math:`\lambda_{\max}` against 2/lr (or the momentum's
+  bound), :math:`\mathrm{tr}` against SGD's 2/lr, and for an adaptive optimizer the
+  preconditioned sharpness :math:`\lambda_{\max}(P^{-1}H)` from its state against its bound;
 * with ``curvature="kfac"``, all of the above for the Gauss-Newton matrix and, side by side, its
   K-FAC approximation (:mod:`secondorder.analysis.kfac_comparison`: exact traces and top
   eigenvalues of K-FAC, whole and per layer, and the relative Frobenius distance).
@@ -32,6 +36,7 @@ import torch
 
 from secondorder.analysis.kfac_comparison import KFACComparison, compare_kfac
 from secondorder.analysis.landscape import Landscape1D, Landscape2D, landscape_1d, landscape_2d, random_directions
+from secondorder.analysis.stability import StabilityCheck, preconditioned_top, preconditioner_for, stability_check
 from secondorder.linalg import block_eigenvalues, eigenvalues, spectral_density, trace
 from secondorder.linalg.results import EigenResult, Serializable, SpectralDensityResult, TraceResult, jsonable
 from secondorder.operators.curvature import GGNOperator, HessianOperator
@@ -80,6 +85,7 @@ class HessianAnalysis(Serializable):
     seconds: float
     num_matvecs: int
     kfac: KFACComparison | None = None
+    stability: StabilityCheck | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "HessianAnalysis":
@@ -171,6 +177,10 @@ def analyze(
     seed: int = 0,
     progress: bool = False,
     kfac_probes: int = 30,
+    lr: float | None = None,
+    momentum: float = 0.0,
+    optimizer: Any = None,
+    optimizer_parameters: Any = None,
     **operator_kwargs: Any,
 ) -> HessianAnalysis:
     """The Hessian report of ``model`` under ``loss_fn`` on ``data`` (see the module docstring).
@@ -181,7 +191,10 @@ def analyze(
     ``"hessian"``, ``"ggn"`` or ``"kfac"`` (the GGN's report and K-FAC beside it, ``kfac_probes``
     products for their distance). ``max_matvecs`` caps each Lanczos run (bottom eigenvalues of a
     network converge slowly; unconverged ones are flagged, not hidden). ``landscape=False``
-    skips the loss surfaces. Every random choice comes from ``seed``; the model is left as it was.
+    skips the loss surfaces. ``lr`` (with heavy-ball ``momentum``) or ``optimizer`` (a live
+    optimizer or its ``state_dict()``, whose indices refer to ``optimizer_parameters``, usually
+    ``list(model.parameters())``) adds the stability checks (``stability``); an adaptive
+    optimizer's state gives its preconditioned sharpness. Every random choice comes from ``seed``; the model is left as it was.
     """
     if curvature not in ("hessian", "ggn", "kfac"):
         raise ValueError(f"curvature must be 'hessian', 'ggn' or 'kfac', got {curvature!r}")
@@ -199,6 +212,7 @@ def analyze(
     op = (HessianOperator if curvature == "hessian" else GGNOperator)(model, loss_fn, data, params, seed=seed,
                                                                         **operator_kwargs)
     P = op.shape[0]
+    preconditioner = preconditioner_for(op, lr, momentum, optimizer, optimizer_parameters)
     if top_k >= P or bottom_k >= P:
         raise ValueError(f"top_k and bottom_k must be below the number of parameters ({P})")
     eig_kwargs: dict[str, Any] = dict(max_matvecs=max_matvecs, progress=progress)
@@ -208,6 +222,8 @@ def analyze(
     bottom = eigenvalues(op, bottom_k, "smallest", seed=seed + 1, **eig_kwargs) if bottom_k else None
     density = spectral_density(op, slq_probes, min(slq_steps, P), seed=seed, progress=progress)
     per_block = block_eigenvalues(op, 1, seed=seed, max_matvecs=max_matvecs)
+    stability = None if preconditioner is None else stability_check(
+        top, tr, preconditioner, preconditioned_top(op, preconditioner, seed + 3, **eig_kwargs))
     comparison = None if kfac is None else compare_kfac(op, kfac, tr, top, per_block, kfac_probes, seed + 2)
     land1 = land2 = None
     if landscape:
@@ -223,6 +239,6 @@ def analyze(
         gradient_norm=float(cast(torch.Tensor, grad).norm()),
         trace=tr, top=_without_vectors(top), bottom=None if bottom is None else _without_vectors(bottom), density=density,
         layers=_layer_stats(tr, per_block), landscape_1d=land1, landscape_2d=land2, seed=seed,
-        seconds=time.perf_counter() - start, num_matvecs=op.num_matvecs, kfac=comparison,
+        seconds=time.perf_counter() - start, num_matvecs=op.num_matvecs, kfac=comparison, stability=stability,
     )
 

@@ -106,14 +106,35 @@ def plot_convergence(analysis: HessianAnalysis, path: str | Path) -> None:
 
 
 def plot_evolution(points: Sequence[EvolutionPoint], path: str | Path) -> None:
-    """Top eigenvalue and trace (±2 stderr) against the training step."""
+    """Top eigenvalue and trace (±2 stderr) against the training step, with the stability bounds
+    of the learning rate as dashed lines when they were recorded, and the preconditioned
+    sharpness against its bound in a third panel for adaptive optimizers.
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    checked = [(p.step, p.stability) for p in points if p.stability is not None]
+    preconditioned = [(step, c.rule, c.preconditioned) for step, c in checked if c.preconditioned is not None]
+    fig, axes = plt.subplots(1, 3 if preconditioned else 2, figsize=(15 if preconditioned else 10, 3.6))
     steps = [p.step for p in points]
-    axes[0].plot(steps, [p.top_eigenvalue for p in points], "o-")
+    axes[0].plot(steps, [p.top_eigenvalue for p in points], "o-", label="λ_max(H)")
     axes[0].set_title("top eigenvalue")
-    axes[1].errorbar(steps, [p.trace for p in points], yerr=[2 * p.trace_stderr for p in points], fmt="o-")
+    axes[1].errorbar(steps, [p.trace for p in points], yerr=[2 * p.trace_stderr for p in points], fmt="o-",
+                     label="tr(H)")
     axes[1].set_title("trace (±2 stderr)")
+    if checked:
+        rule = "gd" if preconditioned else checked[-1][1].rule
+        axes[0].step([t for t, _ in checked], [c.sharpness.threshold for _, c in checked], "k--", where="post",
+                     label=f"{rule} bound at the lr")
+        traced = [(t, c.trace.threshold) for t, c in checked if c.trace is not None]
+        if traced:
+            axes[1].step([t for t, _ in traced], [b for _, b in traced], "k--", where="post", label="SGD bound on tr(H)")
+    if preconditioned:
+        ax = axes[2]
+        ax.plot([t for t, _, _ in preconditioned], [c.value for _, _, c in preconditioned], "o-", label="λ_max(P⁻¹H)")
+        ax.step([t for t, _, _ in preconditioned], [c.threshold for _, _, c in preconditioned], "k--", where="post",
+                label=f"{preconditioned[-1][1]} bound")
+        ax.set_title("preconditioned sharpness")
     for ax in axes:
         ax.set_xlabel("training step")
+        if checked:
+            ax.legend(fontsize=7)
     _save(fig, path)

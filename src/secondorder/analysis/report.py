@@ -17,6 +17,7 @@ from secondorder.analysis import plots
 from secondorder.analysis.evolution import EvolutionPoint
 from secondorder.analysis.hessian_report import HessianAnalysis
 from secondorder.analysis.kfac_comparison import KFACComparison
+from secondorder.analysis.stability import BoundCheck, StabilityCheck
 
 __all__ = ["summary_table", "write_report"]
 
@@ -57,6 +58,8 @@ def _tables(a: HessianAnalysis, evolution: Sequence[EvolutionPoint] | None) -> l
         [[x.name, str(x.size), f"{_g(x.trace, 4)} ± {_g(x.trace_stderr, 2)}", _g(x.trace_per_parameter, 3),
           _g(x.top_eigenvalue, 5), f"{x.top_residual:.1e}" + ("" if x.top_converged else " (not converged)")]
          for x in a.layers])))
+    if a.stability is not None:
+        tables.append(_stability_table(a.stability))
     if a.kfac is not None:
         tables += _kfac_tables(a.kfac)
     if a.landscape_1d is not None:
@@ -66,11 +69,36 @@ def _tables(a: HessianAnalysis, evolution: Sequence[EvolutionPoint] | None) -> l
             [[n, _g(land.sharpness(n), 4), f"{_g(ls[0], 4)} / {_g(ls[-1], 4)}"]
              for n, ls in zip(land.names, land.losses)])))
     if evolution:
+        checked = any(p.stability is not None for p in evolution)
         tables.append(("Evolution over training", (
-            ["step", "loss", "top eigenvalue", "trace ± stderr"],
+            ["step", "loss", "top eigenvalue", "trace ± stderr"] + (["bound", "verdict"] if checked else []),
             [[str(p.step), _g(p.loss, 4), _g(p.top_eigenvalue, 5), f"{_g(p.trace, 4)} ± {_g(p.trace_stderr, 2)}"]
-             for p in evolution])))
+             + (_evolution_verdict(p) if checked else []) for p in evolution])))
     return tables
+
+
+STABILITY_TITLE = "Linear stability at the training learning rate"
+
+
+def _stability_table(s: StabilityCheck) -> tuple[str, Table]:
+    def row(c: BoundCheck, interval: str) -> list[str]:
+        return [c.quantity, f"{_g(c.value, 6)} ({interval} [{_g(c.low, 6)}, {_g(c.high, 6)}])", _g(c.threshold, 6),
+                _g(c.ratio, 3), c.verdict]
+
+    rows = [row(s.sharpness, "Ritz value, + residual")]
+    if s.trace is not None:
+        rows.append(row(s.trace, "95% CI"))
+    if s.preconditioned is not None:
+        rows.append(row(s.preconditioned, "Ritz value, + residual"))
+    title = f"{STABILITY_TITLE} ({s.rule}, lr {_g(s.lr, 4)}, momentum {_g(s.momentum, 4)})"
+    return title, (["quantity", "value", "bound", "value / bound", "verdict"], rows)
+
+
+def _evolution_verdict(p: EvolutionPoint) -> list[str]:
+    if p.stability is None:
+        return ["", ""]
+    c = p.stability.preconditioned or p.stability.sharpness
+    return [f"{c.quantity} ≤ {_g(c.threshold, 4)}", f"{c.verdict} ({_g(c.ratio, 3)})"]
 
 
 KFAC_TITLE = "K-FAC against the Gauss-Newton matrix"
@@ -92,7 +120,8 @@ def summary_table(analysis: HessianAnalysis) -> str:
     """The summary and eigenvalue tables (and K-FAC's comparison) as plain text, for the terminal."""
     lines = []
     tables = _tables(analysis, None)
-    for title, (head, rows) in tables[:3] + [t for t in tables if t[0].startswith(KFAC_TITLE)]:
+    wanted = (KFAC_TITLE, STABILITY_TITLE)
+    for title, (head, rows) in tables[:3] + [t for t in tables if t[0].startswith(wanted)]:
         lines.append(title)
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         for r in rows:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from secondorder.analysis import HessianTracker, analyze, hessian_evolution, summary_table, write_report
+from secondorder.analysis.stability import optimizer_preconditioner, plain_preconditioner
 from secondorder.cli.batches import WatchedBatches, naming_the_batch
 from secondorder.cli.common import (
     FACTORIES_HELP,
@@ -34,6 +35,7 @@ from secondorder.data import as_batches
 from secondorder.distributed import shutdown
 from secondorder.distributed.reducer import RankReducer, Reducer
 from secondorder.environment import describe
+from secondorder.operators.params import select_parameters
 from secondorder.validation import non_negative_int, positive_int
 
 EPILOG = """\
@@ -44,6 +46,9 @@ examples:
   secondorder analyze --checkpoint ep1.pt --checkpoint ep10.pt ...   evolution over checkpoints
   secondorder analyze --params conv1,fc --curvature ggn --json       some layers, Gauss-Newton, JSON on stdout
   secondorder analyze --curvature kfac --no-landscape               how far K-FAC is from the Gauss-Newton matrix
+  secondorder analyze --lr 0.5 --momentum 0                         train the default at the edge of stability
+  secondorder analyze --model ... --data ... --checkpoint net.pt --optimizer-state adam.pt
+                                 the preconditioned sharpness of the Adam run that saved adam.pt
   torchrun --nproc-per-node 4 -m secondorder.cli analyze --device cuda ...
                                  4 processes (GPUs) share the analysis batches; rank 0 writes the report
 
@@ -55,12 +60,20 @@ what the report holds (report.html, self-contained; report.md; summary.json; PNG
   landscape    loss along the top eigenvector vs a random unit direction (1-D), and on the plane of
                the top two eigenvectors (2-D), as in Yao et al. (NeurIPS 2018)
   evolution    top eigenvalue and trace over training (default model, or several --checkpoint)
+  stability    with the learning rate (the default model knows its own; --lr, --momentum or
+               --optimizer-state for yours): lambda_max against 2/lr (heavy ball: (2+2 beta)/lr),
+               tr(H) against SGD's 2/lr, and for Adam/AdamW/RMSprop/Adagrad/AdaHessian/Sophia the
+               preconditioned sharpness lambda_max(P^-1 H) from the saved state against
+               (2+2 beta1)/((1-beta1) lr); each "stable", "unstable" (certain: the Ritz value is a
+               lower bound) or "undecided" (the error bar straddles the bound); dashed lines on
+               the evolution plot
   K-FAC        --curvature kfac: the Gauss-Newton report, and beside it K-FAC's exact trace and top
                eigenvalues (whole and per layer) and ||G - K||_F / ||G||_F by Hutchinson probes
 """
 
 EVOLUTION_EPOCHS = (0, 1, 2, 5, 10, 20)
 TRAIN_BATCH = 128  # the default model's SGD batch (the callback maps steps back to epochs with it)
+DEFAULT_LR, DEFAULT_MOMENTUM = 0.1, 0.9  # and its learning rate and momentum (train_mnist1d's)
 
 
 def add_parser(sub) -> None:
@@ -84,12 +97,51 @@ def add_parser(sub) -> None:
     est.add_argument("--landscape-radius", type=float, default=1.0, help="alpha range of landscapes (default: 1)")
     est.add_argument("--no-landscape", action="store_true", help="skip the loss landscapes")
     add_default_model_options(est)
+    st = a.add_argument_group("stability (the linear-stability bounds of the training learning rate)")
+    st.add_argument("--lr", type=float,
+                    help="training learning rate; the default model trains with it (default: 0.1 for the "
+                         "default model, none for yours: no stability check)")
+    st.add_argument("--momentum", type=float,
+                    help="heavy-ball momentum of that training (default: 0.9 for the default model, else 0)")
+    st.add_argument("--optimizer-state", metavar="PATH",
+                    help="torch.save(optimizer.state_dict()) of the optimizer that trained --model, built over "
+                         "model.parameters(): its lr, momentum and adaptive denominators (instead of --lr)")
     add_output_options(a, "secondorder-out")
     a.set_defaults(run=run)
 
 
+def _check_stability_options(args: argparse.Namespace) -> None:
+    """--lr, --momentum and --optimizer-state, checked before any work."""
+    if args.optimizer_state is not None and (args.lr is not None or args.momentum is not None):
+        raise UsageError("--optimizer-state holds the learning rate and momentum: give it or --lr/--momentum")
+    if args.optimizer_state is not None and not wants_own_model(args):
+        raise UsageError("--optimizer-state is for your --model (the default model's optimizer is known)")
+    if args.momentum is not None and args.lr is None and wants_own_model(args):
+        raise UsageError("--momentum needs --lr")
+    if args.lr is not None or args.momentum is not None:
+        with user_input("--lr/--momentum"):
+            plain_preconditioner(0.1 if args.lr is None else args.lr, args.momentum or 0.0)
+
+
+def _optimizer_state(args: argparse.Namespace, model: torch.nn.Module) -> dict | None:
+    """The --optimizer-state, checked against the analyzed parameters (a usage error if it does not fit)."""
+    if args.optimizer_state is None:
+        return None
+    try:
+        state = torch.load(args.optimizer_state, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"--optimizer-state {args.optimizer_state}: cannot read it ({type(err).__name__}: {err})") \
+            from err
+    with user_input(f"--optimizer-state {args.optimizer_state}"):
+        params = [p for _, p in select_parameters(model, parameter_names(args))]
+        optimizer_preconditioner(state, params, parameters=list(model.parameters()))
+    return state
+
+
 def _own_model(args: argparse.Namespace, device: torch.device):
     model, loss_fn, data, states, context = own_problem(args, device)
+    if args.optimizer_state is not None:
+        context["optimizer state"] = args.optimizer_state
     evolution = None
     if len(states) > 1:
         with naming_the_batch(model, loss_fn, data):
@@ -107,13 +159,13 @@ def _default_model(args: argparse.Namespace, device: torch.device):
 
     if args.params:  # fail before training, with the suggestions the selector gives
         from secondorder.datasets import Mnist1dCNN
-        from secondorder.operators.params import select_parameters
 
         with torch.random.fork_rng(devices=[]), user_input("--params"):
             select_parameters(Mnist1dCNN(), parameter_names(args))
     xtr, ytr, xte, yte = load_mnist1d()
     analysis_data = batches(xtr.to(device), ytr.to(device), 1000)
-    tracker = HessianTracker(F.cross_entropy, analysis_data[0], seed=args.seed)
+    lr, momentum = default_rate(args)
+    tracker = HessianTracker(F.cross_entropy, analysis_data[0], seed=args.seed, lr=lr, momentum=momentum)
     steps_per_epoch = -(-len(xtr) // TRAIN_BATCH)
     epochs = {e for e in EVOLUTION_EPOCHS if e <= args.epochs} | {args.epochs}
 
@@ -121,12 +173,17 @@ def _default_model(args: argparse.Namespace, device: torch.device):
         if step // steps_per_epoch in epochs:
             tracker(step, model)
 
-    trained = train_mnist1d(args.seed, args.epochs, TRAIN_BATCH, data=(xtr, ytr, xte, yte), callback=callback,
-                            progress=not args.quiet)
+    trained = train_mnist1d(args.seed, args.epochs, TRAIN_BATCH, lr, data=(xtr, ytr, xte, yte), callback=callback,
+                            progress=not args.quiet, momentum=momentum)
     context = {"model": "default: " + trained.recipe,
                "test accuracy": f"{100 * trained.test_accuracy:.1f}%",
                "analysis data": f"the {len(xtr)} training samples (batches of 1000); evolution on the first 1000"}
     return trained.model.to(device), F.cross_entropy, analysis_data, context, tuple(tracker.points)
+
+
+def default_rate(args: argparse.Namespace) -> tuple[float, float]:
+    """The default model's training learning rate and momentum (--lr and --momentum, else 0.1 and 0.9)."""
+    return (DEFAULT_LR if args.lr is None else args.lr), (DEFAULT_MOMENTUM if args.momentum is None else args.momentum)
 
 
 def _my_shard(data, reducer: Reducer) -> list:
@@ -180,10 +237,14 @@ def _run(args: argparse.Namespace, world) -> tuple[dict | None, str]:
 def _analyze(args: argparse.Namespace, world, tmp) -> tuple[dict | None, str]:
     """The analysis; rank 0 (or the single process) writes the report into ``tmp``."""
     _check_counts(args)
+    _check_stability_options(args)
     device = device_of(args)
     start = time.perf_counter()
     args.quiet = args.quiet or (world is not None and world.rank != 0)  # rank 0 shows the progress
-    model, loss_fn, data, context, evolution = (_own_model if wants_own_model(args) else _default_model)(args, device)
+    own = wants_own_model(args)
+    model, loss_fn, data, context, evolution = (_own_model if own else _default_model)(args, device)
+    state = _optimizer_state(args, model) if own else None
+    lr, momentum = (args.lr, args.momentum or 0.0) if own else default_rate(args)
     if world is not None:
         data = _watched_shard(data, RankReducer())
         context["processes"] = f"{world.size} ({world.backend}), each analyzing every {world.size}-th batch"
@@ -192,7 +253,9 @@ def _analyze(args: argparse.Namespace, world, tmp) -> tuple[dict | None, str]:
                            top_k=args.top_k, bottom_k=args.bottom_k, trace_matvecs=args.probes,
                            slq_probes=args.slq_probes, slq_steps=args.slq_steps, landscape=not args.no_landscape,
                            landscape_radius=args.landscape_radius, max_matvecs=args.max_matvecs, seed=args.seed,
-                           progress=not args.quiet, kfac_probes=args.kfac_probes, distributed=world is not None)
+                           progress=not args.quiet, kfac_probes=args.kfac_probes, distributed=world is not None,
+                           lr=None if state is not None else lr, momentum=momentum, optimizer=state,
+                           optimizer_parameters=None if state is None else list(model.parameters()))
     if tmp is None:  # a rank other than 0: rank 0 writes the report
         return None, ""
     context.update({"curvature": args.curvature, "seed": args.seed, "machine": describe(device),

@@ -77,8 +77,9 @@ def train_mnist1d(
     data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
     progress: bool = False,
+    momentum: float = 0.9,
 ) -> TrainedMnist1d:
-    """Train :class:`Mnist1dCNN` with SGD (momentum 0.9, constant ``lr``) on MNIST-1D.
+    """Train :class:`Mnist1dCNN` with SGD (heavy-ball ``momentum``, constant ``lr``) on MNIST-1D.
 
     Initialisation and batch order come from ``seed`` in a forked RNG (the caller's global RNG
     is untouched). ``callback(step, model)`` is called at step 0 and after every epoch (for the
@@ -93,7 +94,7 @@ def train_mnist1d(
         torch.manual_seed(seed)
         model = Mnist1dCNN()
         gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     steps_per_epoch = -(-len(xtr) // batch_size)
     model.train()
     if callback is not None:
@@ -112,6 +113,6 @@ def train_mnist1d(
     model.eval()
     with torch.no_grad():
         train_loss = float(F.cross_entropy(model(xtr), ytr))
-    recipe = (f"MNIST-1D ({len(xtr)} train / {len(xte)} test), Mnist1dCNN, SGD momentum 0.9 lr {lr}, "
+    recipe = (f"MNIST-1D ({len(xtr)} train / {len(xte)} test), Mnist1dCNN, SGD momentum {momentum} lr {lr}, "
               f"batch {batch_size}, {epochs} epochs, seed {seed}")
     return TrainedMnist1d(model, (xtr, ytr), (xte, yte), accuracy(model, xte, yte), train_loss, recipe)

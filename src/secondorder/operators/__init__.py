@@ -2,6 +2,7 @@
 
 from secondorder.operators.base import (
     Block,
+    CongruenceOperator,
     DenseOperator,
     IdentityOperator,
     LinearOperator,
@@ -16,6 +17,7 @@ from secondorder.operators.risk import EmpiricalRisk, NonFiniteError
 
 __all__ = [
     "Block",
+    "CongruenceOperator",
     "CurvatureOperator",
     "DenseOperator",
     "EmpiricalRisk",

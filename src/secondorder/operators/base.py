@@ -212,6 +212,26 @@ class ScaledOperator(LinearOperator):
         return self.scale * (self.op @ V)
 
 
+class CongruenceOperator(LinearOperator):
+    r""":math:`D A D` for a diagonal :math:`D = \mathrm{diag}(d)`: the symmetric form of a
+    diagonally preconditioned operator. With :math:`d = p^{-1/2}` its spectrum is that of
+    :math:`P^{-1} A` (similar matrices), :math:`P = \mathrm{diag}(p) > 0`, which is how the
+    preconditioned sharpness of an adaptive optimizer is measured with a symmetric eigensolver.
+    """
+
+    def __init__(self, op: LinearOperator, d: Tensor):
+        if d.shape != (op.shape[0],):
+            raise ValueError(f"the diagonal must have shape [{op.shape[0]}], got {list(d.shape)}")
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError("the diagonal has non-finite entries")
+        self.op, self.d = op, d.to(dtype=op.dtype, device=op.device).unsqueeze(1)
+        self.shape, self.dtype, self.device, self.blocks = op.shape, op.dtype, op.device, op.blocks
+        self.reducer = op.reducer
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        return self.d * (self.op @ (self.d * V))
+
+
 class SumOperator(LinearOperator):
     """``A_1 + A_2 + ...`` (shapes must agree; blocks and reducer come from the first term)."""
 
