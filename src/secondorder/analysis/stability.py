@@ -295,7 +295,8 @@ def stability_check(top: EigenResult, trace: TraceResult, preconditioner: Precon
     if (pre.diagonal is None) != (preconditioned_top is None):
         raise ValueError("give the preconditioned top eigenvalue exactly when the preconditioner is not the identity")
     plain = pre.threshold if pre.diagonal is None else sgd_threshold(pre.lr)
-    sharp = BoundCheck.eigenvalue("lambda_max(H)", top, plain)
+    sharp = BoundCheck.eigenvalue("lambda_max(H)" if pre.diagonal is None else "lambda_max(H) vs GD at this lr",
+                                  top, plain)
     tr = None
     if pre.trace_threshold is not None:
         lo, hi = trace.confidence_interval(LEVEL)
