@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -87,6 +88,8 @@ def test_default_model_smoke(tmp_path, capsys):
     (["--ratio", "1"], "--ratio must exceed 1"),
     (["--lr-milestones", "ten"], "comma-separated epochs"),
     (["--params", "0"], "--params does not apply"),
+    (["--schedule", "slq"], "--lr does not apply to --schedule slq"),
+    (["--slq-every", "2"], "--slq-every applies to --schedule slq, not to --schedule absa"),
     (["--resume", "missing.pt"], "--resume missing.pt: cannot read it"),
     (["--model", "clinets:make_net", "--data", "clinets:wrong_shape"], "rejected the first batch"),
     (["--test-data", "clinets:broken"], "--test-data clinets:broken failed"),
@@ -105,6 +108,32 @@ def test_resume_errors(project, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (root / "more").exists()
+
+
+def test_slq_schedule_records_the_learned_lr_and_momentum_and_resumes(project, capsys):
+    root, _ = project
+    slq = ["train", "--model", "clinets:make_net", "--data", "clinets:batches", "--batch-size", "8", "--schedule",
+           "slq", "--slq-every", "2", "--slq-steps", "4", "--slq-batch", "16", "--seed", "3", "--quiet", "--json"]
+    assert main([*slq, "--epochs", "2", "--out", "whole"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    refreshes = whole["slq_refreshes"]
+    assert [r["step"] for r in refreshes] == list(range(0, 10, 2)) and all(r["matvecs"] == 4 for r in refreshes)
+    for r in refreshes:  # the heavy-ball optimum of the recorded (smoothed, capped) condition number
+        root_k = math.sqrt(r["kappa"])
+        assert r["momentum"] == pytest.approx(((root_k - 1) / (root_k + 1)) ** 2, rel=1e-12)
+        assert 0 < r["lr"] <= (1 + math.sqrt(r["momentum"])) ** 2 / r["lambda_max"] * (1 + 1e-12)
+    in_force = {5: refreshes[2], 10: refreshes[4]}  # 5 steps per epoch
+    assert [(e["lr"], e["top_eigenvalue"]) for e in whole["epochs"]] == \
+        [(in_force[e["iterations"]]["lr"], in_force[e["iterations"]]["lambda_max"]) for e in whole["epochs"]]
+    assert whole["final"]["momentum"] == refreshes[-1]["momentum"]
+    assert [float(r["lr"]) for r in read_csv(root / "whole" / "slq.csv")] == [r["lr"] for r in refreshes]
+    assert main([*slq, "--epochs", "1", "--out", "part"]) == 0
+    capsys.readouterr()
+    assert main([*slq, "--epochs", "2", "--resume", "part/trainer_state.pt", "--out", "part"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["epochs"] == whole["epochs"] and resumed["slq_refreshes"] == refreshes
+    assert main([*slq, "--epochs", "2", "--slq-steps", "5", "--resume", "part/trainer_state.pt", "--out", "x"]) == 2
+    assert "num_steps=4" in capsys.readouterr().err
 
 
 def test_default_model_refuses_test_data_alone(tmp_path, capsys):

@@ -7,7 +7,8 @@ batch of training samples; when it has fallen by --ratio since the last increase
 --patience epochs without one, the batch size and the learning rate are multiplied by 2, up to
 --max-batch-size, large batches being reached by gradient accumulation. absa also replaces a
 fraction of every batch by FGSM examples (halved at every increase, none in the second half of
-training); abs does not; fixed keeps --batch-size. --optimizer trust-region, arc or newton-mr
+training); abs does not; fixed keeps --batch-size; slq keeps it too and learns the learning rate and
+momentum from the Hessian's spectrum (stochastic Lanczos quadrature). --optimizer trust-region, arc or newton-mr
 trains instead with a sub-sampled Newton-type method (Xu, Roosta & Mahoney; Roosta et al.): one
 step per batch (by default the whole training set, so an epoch is one iteration) with the batch's
 full gradient and loss and the Hessian of a --hessian-fraction sample. --optimizer kfac trains with
@@ -56,10 +57,10 @@ from secondorder.data import call_model, to_device
 from secondorder.environment import describe
 from secondorder.optim import CubicRegularization, NewtonMR, NewtonStep, TrustRegion
 from secondorder.optim.subsampled import CURVATURES, SubsampledNewton
-from secondorder.schedules import AdaptiveBatchSize, AdaptiveBatchTrainer
+from secondorder.schedules import AdaptiveBatchSize, AdaptiveBatchTrainer, SLQLearningRate, SLQRecord
 from secondorder.validation import MAX_SEED
 
-SCHEDULES = ("absa", "abs", "fixed")
+SCHEDULES = ("absa", "abs", "fixed", "slq")
 OPTIMIZERS = ("sgd", "trust-region", "arc", "newton-mr", "kfac")
 CSV_COLUMNS = ("epoch", "batch_size", "lr", "top_eigenvalue", "adversarial_fraction", "train_loss", "test_accuracy",
                "iterations", "test_loss", "steps", "batch_increase")
@@ -93,8 +94,13 @@ SGD_DEFAULTS = {"schedule": "absa", "epochs": 90, "batch_size": 128, "lr": 0.1, 
                 "lr_decay": 0.2, "warmup_epochs": 0, "eigen_batch": 128, "eigen_matvecs": 20}
 """The SGD path's defaults, filled in when the option was not given (None on the parser, so that an
 SGD option given with a Newton-type optimizer is refused)."""
-SGD_ONLY = ("schedule", "max_batch_size", "ratio", "patience", "lr_milestones", "lr_decay", "max_lr",
+SGD_ONLY = ("schedule", "slq_every", "slq_steps", "slq_batch", "slq_lr_factor", "max_batch_size", "ratio", "patience", "lr_milestones", "lr_decay", "max_lr",
             "warmup_epochs", "adversarial_fraction", "adversarial_epochs", "epsilon", "eigen_batch", "eigen_matvecs")
+SLQ_OPTIONS = ("slq_every", "slq_steps", "slq_batch", "slq_lr_factor")
+NOT_SLQ = ("lr", "max_batch_size", "ratio", "patience", "lr_milestones", "lr_decay", "max_lr", "warmup_epochs",
+           "adversarial_fraction", "adversarial_epochs", "epsilon", "eigen_batch", "eigen_matvecs")
+"""The options of --schedule slq alone, and the SGD options it refuses (it learns the lr and keeps the batch)."""
+SLQ_COLUMNS = ("step", "lambda_max", "lambda_min", "kappa", "lr", "momentum", "matvecs", "kept")
 NEWTON_ONLY = {"radius": ("trust-region",), "sigma": ("arc",), "inexactness": ("newton-mr",),
                "hessian_fraction": tuple(METHODS), "curvature": tuple(METHODS),
                "subproblem_iterations": tuple(METHODS)}
@@ -113,6 +119,7 @@ examples:
   secondorder train --model mypkg.nets:make --data mypkg.data:train --test-data mypkg.data:test \\
                     --batch-size 64 --lr 0.05 --max-batch-size 4096 --out run/
   secondorder train --epochs 120 --resume run/trainer_state.pt --out run/   continue a run to 120 epochs
+  secondorder train --schedule slq --epochs 30          lr and momentum learned from the Hessian's spectrum
   secondorder train --optimizer trust-region            sub-sampled trust region, 100 full-batch iterations
   secondorder train --optimizer arc --sigma 10 --hessian-fraction 0.1 --epochs 30
   secondorder train --optimizer newton-mr --curvature gauss-newton --epochs 50 --out mr/
@@ -127,6 +134,23 @@ epochs; the learning rate follows the batch linearly (capped by --max-lr if give
 --lr-decay (0.2) after each of --lr-milestones (default 1/3, 2/3 and 8/9 of --epochs, as 30/60/80
 of 90); FGSM fraction --adversarial-fraction (0.2 for absa), step --epsilon (default 0.005 times
 the range of the training inputs: HessianFlow's 0.005 on [0, 1] images).
+--schedule slq (the SLQ learner of Granziol, Zohren & Roberts, JMLR 2022; secondorder.schedules.SLQLearningRate)
+keeps --batch-size and, every --slq-every steps (default: once per epoch, from the first step), runs
+--slq-steps 20 Lanczos steps of the Hessian on --slq-batch 128 fresh training samples (eval mode):
+lambda_max the top Ritz value, lambda_min the 5% quantile of the positive part of the SLQ density,
+then SGD's lr and momentum are the heavy-ball optimum (2 / (sqrt lambda_max + sqrt lambda_min))^2
+and ((sqrt k - 1) / (sqrt k + 1))^2, k = lambda_max / lambda_min, momentum capped at 0.99, edges
+smoothed by a geometric EMA 0.5, lr times --slq-lr-factor (1), capped at 2 / lambda_max of the
+refresh (the research note's safe clamp: a factor 1 + momentum inside the heavy ball's stability
+edge; without it the optimum sits at that edge and diverged on networks whose curvature rises
+between refreshes, experiments/results/slq_learner.md). Even so it does not train the default
+MNIST-1D CNN, whose curvature at initialisation is small (lambda_max ~1, so lr ~2-3, which kills the
+ReLU network within an epoch, also with --slq-every 4): the learner is a research reproduction,
+honest about where it fails; --slq-lr-factor below 1 is the remedy we measured. It takes
+no --lr, --max-batch-size, --ratio, --patience, --lr-*, --max-lr, --warmup-epochs, adversarial or
+--eigen-* option; epochs.csv's lr and top_eigenvalue are those of the refresh in force at the
+epoch's last step, and slq.csv (also under "slq_refreshes" in summary.json) has every refresh: step,
+lambda_max, lambda_min, kappa, lr, momentum, matvecs, kept (no positive curvature: values kept).
 outputs of sgd (in --out): epochs.csv (epoch, batch_size, lr, top_eigenvalue, adversarial_fraction,
 train_loss, test_accuracy, iterations, test_loss, steps, batch_increase), schedule.png (batch size,
 top eigenvalue and test accuracy over epochs), summary.json, trainer_state.pt (for --resume).
@@ -208,6 +232,14 @@ def add_parser(sub) -> None:
     s.add_argument("--adversarial-fraction", type=float, help="FGSM fraction (default: 0.2 for absa, else 0)")
     s.add_argument("--adversarial-epochs", type=int, help="epochs with FGSM examples (default: half of --epochs)")
     s.add_argument("--epsilon", type=float, help="FGSM step (default: 0.005 x the range of the training inputs)")
+    s.add_argument("--slq-every", type=int, metavar="N",
+                   help="slq: optimizer steps between refreshes of lr and momentum (default: one epoch's steps)")
+    s.add_argument("--slq-steps", type=int, metavar="K",
+                   help="slq: Lanczos steps (Hessian-vector products) per refresh (default: 20)")
+    s.add_argument("--slq-batch", type=int, metavar="B",
+                   help="slq: fresh training samples per refresh (default: 128, at most the training set)")
+    s.add_argument("--slq-lr-factor", type=float, metavar="F",
+                   help="slq: multiplies the learned lr, capped at 2 / lambda_max of the refresh (default: 1)")
     n = t.add_argument_group("Newton-type optimizers (--optimizer trust-region, arc, newton-mr)")
     n.add_argument("--radius", type=float,
                    help=f"trust-region: initial radius (default: {METHODS['trust-region'].default('radius'):g})")
@@ -241,11 +273,30 @@ def _options(args: argparse.Namespace) -> None:
         if getattr(args, name) is not None and args.optimizer not in users:
             raise UsageError(_refusal(_flag(name), users, args.optimizer))
     if args.optimizer == "sgd":
+        _slq_options(args)
         for name, value in SGD_DEFAULTS.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
     elif args.epochs is None:
         args.epochs = train_kfac.EPOCHS if args.optimizer == "kfac" else NEWTON_EPOCHS
+
+
+def _slq_options(args: argparse.Namespace) -> None:
+    """Refuse the SGD options --schedule slq does not take, and its own options with the other schedules."""
+    if args.schedule == "slq":
+        for name in NOT_SLQ:
+            if getattr(args, name) is not None:
+                raise UsageError(f"{_flag(name)} does not apply to --schedule slq, which learns the learning rate and "
+                                 f"momentum from the Hessian at a fixed --batch-size: drop {_flag(name)}")
+        args.slq_steps = 20 if args.slq_steps is None else args.slq_steps
+        args.slq_batch = 128 if args.slq_batch is None else args.slq_batch
+        args.slq_lr_factor = 1.0 if args.slq_lr_factor is None else args.slq_lr_factor
+        if not 0 < args.slq_lr_factor < math.inf:
+            raise UsageError(f"--slq-lr-factor must be a positive finite number, got {args.slq_lr_factor}")
+        return
+    for name in SLQ_OPTIONS:
+        if getattr(args, name) is not None:
+            raise UsageError(f"{_flag(name)} applies to --schedule slq, not to --schedule {args.schedule or 'absa'}")
 
 
 def _refusal(flag: str, users: tuple[str, ...], optimizer: str) -> str:
@@ -269,6 +320,9 @@ def _check(args: argparse.Namespace) -> None:
     for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 1),
                              ("--max-micro-batch", args.max_micro_batch, 1), ("--eigen-batch", args.eigen_batch, 1),
                              ("--eigen-matvecs", args.eigen_matvecs, 1), ("--patience", args.patience, 0),
+                             ("--slq-every", 1 if args.slq_every is None else args.slq_every, 1),
+                             ("--slq-steps", 1 if args.slq_steps is None else args.slq_steps, 1),
+                             ("--slq-batch", 1 if args.slq_batch is None else args.slq_batch, 1),
                              ("--warmup-epochs", args.warmup_epochs, 0),
                              ("--adversarial-epochs", 0 if args.adversarial_epochs is None else args.adversarial_epochs,
                               0)):
@@ -319,7 +373,7 @@ def _controller(args: argparse.Namespace, num_samples: int, saved: dict | None) 
     """The controller of the flags; with ``saved`` (a resumed run's config) the defaults that derive
     from --epochs (milestones, adversarial epochs) are the saved run's.
     """
-    if args.schedule == "fixed":
+    if args.schedule in ("fixed", "slq"):
         max_batch = args.batch_size
     elif args.max_batch_size is None:
         max_batch = min(128 * args.batch_size, num_samples)
@@ -338,9 +392,10 @@ def _controller(args: argparse.Namespace, num_samples: int, saved: dict | None) 
         adversarial_fraction=fraction,
         adversarial_epochs=args.adversarial_epochs if args.adversarial_epochs is not None else
         saved.get("adversarial_epochs") if saved is not None else args.epochs // 2,
-        lr_milestones=_milestones(args) if saved is None or args.lr_milestones is not None else
+        lr_milestones=() if args.schedule == "slq" else _milestones(args) if saved is None or args.lr_milestones
+        is not None else
         tuple(saved.get("lr_milestones", ())), lr_decay=args.lr_decay, max_lr=args.max_lr,
-        warmup_epochs=args.warmup_epochs, adaptive=args.schedule != "fixed")
+        warmup_epochs=args.warmup_epochs, adaptive=args.schedule not in ("fixed", "slq"))
 
 
 def _load_state(path: str, device: torch.device) -> dict:
@@ -457,11 +512,24 @@ def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     trainer = AdaptiveBatchTrainer(model, loss_fn, train, controller, test_data=test,
                                    max_micro_batch=args.max_micro_batch, epsilon=epsilon,
                                    eigen_batch_size=args.eigen_batch, eigen_max_matvecs=args.eigen_matvecs,
-                                   seed=args.seed, progress=not args.quiet)
+                                   seed=args.seed, progress=not args.quiet, track_eigenvalue=args.schedule != "slq")
+    learner = _slq_learner(args, trainer, train) if args.schedule == "slq" else None
     if state is not None:
+        _resume_slq(learner, state, args.resume)
         _resume(trainer, state, args.resume, args.epochs)
-    history = trainer.train(args.epochs - controller.epoch)
+    try:
+        history = trainer.train(args.epochs - controller.epoch)
+    except FloatingPointError as err:
+        if learner is None or not learner.records:
+            raise
+        r = learner.records[-1]
+        raise UsageError(f"the training loss is not finite at step {learner.steps} with the SLQ learner's lr {r.lr:.4g} "
+                         f"and momentum {r.momentum:.4g} (set at step {r.step} for lambda_max {r.lambda_max:.4g}): "
+                         "the heavy-ball optimum sits at the edge of stability, and the curvature rose past it; "
+                         "refresh more often (--slq-every) or take smaller steps (--slq-lr-factor 0.5)") from err
     rows = [asdict(r) for r in history]
+    if learner is not None:
+        _slq_rows(rows, learner.records)
     context.update({"schedule": args.schedule, "epochs": args.epochs, "base batch size": controller.base_batch_size,
                     "max batch size": controller.max_batch_size, "base lr": controller.base_lr,
                     "lr milestones": list(controller.lr_milestones), "lr decay": controller.lr_decay,
@@ -470,7 +538,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
                     "adversarial fraction": controller.initial_adversarial_fraction,
                     "adversarial epochs": controller.adversarial_epochs, "epsilon": epsilon,
                     "max micro batch": args.max_micro_batch, "eigenvalue batch": trainer.eigen_batch_size,
-                    "optimizer": "SGD, momentum 0.9", "seed": args.seed, "resumed from": args.resume,
+                    "optimizer": "SGD, momentum 0.9" if learner is None else
+                    "SGD, lr and momentum from the SLQ learner", "seed": args.seed, "resumed from": args.resume,
                     "machine": describe(device), "total seconds": round(time.perf_counter() - start, 2)})
     last = rows[-1]
     summary = {"context": context,
@@ -482,8 +551,68 @@ def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     (tmp / "epochs.csv").write_text(_csv(rows))
     _plot(tmp / "schedule.png", rows, f"secondorder train --schedule {args.schedule}: {context['model']}")
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-    torch.save(trainer.state_dict(), tmp / STATE_FILE)
-    return summary, _table(summary, rows, args.out)
+    if learner is not None:
+        _slq_outputs(summary, learner, tmp)
+    torch.save({**trainer.state_dict(), **({} if learner is None else {"slq": learner.state_dict()})},
+               tmp / STATE_FILE)
+    table = _table(summary, rows, args.out)
+    if learner is not None:
+        r = learner.records[-1]
+        table += (f"\nslq: {len(learner.records)} refreshes every {learner.every} steps; the last (step {r.step}): "
+                  f"lambda_max {r.lambda_max:.4g}, lambda_min {r.lambda_min:.4g}, lr {r.lr:.4g}, momentum "
+                  f"{r.momentum:.4g} (slq.csv)")
+    return summary, table
+
+
+# ---- --schedule slq ----------------------------------------------------------------------------------
+def _slq_learner(args: argparse.Namespace, trainer: AdaptiveBatchTrainer, train) -> SLQLearningRate:
+    """The learner on the trainer's SGD, run before every optimizer step (an optimizer pre-hook), so its
+    values replace the controller's fixed lr at every step; refresh batches from the training set.
+    """
+    n = len(train[0])
+    every = args.slq_every if args.slq_every is not None else math.ceil(n / args.batch_size)
+    with user_input("--schedule slq"):
+        learner = SLQLearningRate(trainer.optimizer, trainer.model, trainer.loss_fn, train, every=every,
+                                  num_steps=args.slq_steps, batch_size=min(args.slq_batch, n),
+                                  max_micro_batch=args.max_micro_batch, lr_factor=args.slq_lr_factor,
+                                  seed=(args.seed + 2) % (MAX_SEED + 1))
+    def before_step(*_: Any) -> None:
+        learner.step()
+
+    trainer.optimizer.register_step_pre_hook(before_step)
+    return learner
+
+
+def _resume_slq(learner: SLQLearningRate | None, state: dict, path: str) -> None:
+    """Refuse a state of the other kind of schedule (slq's has the learner under "slq")."""
+    if (learner is None) == ("slq" in state):
+        written = "slq" if "slq" in state else "absa, abs or fixed"
+        raise UsageError(f"--resume {path} was written by --schedule {written}: resume it with that --schedule")
+    if learner is not None:
+        try:
+            learner.load_state_dict(state["slq"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise UsageError(f"--resume {path} does not match this run: {str(err).strip().splitlines()[0]}") from err
+
+
+def _slq_rows(rows: list[dict], records: tuple[SLQRecord, ...]) -> None:
+    """An epoch's lr and top eigenvalue with slq: those of the refresh in force at its last step."""
+    for row in rows:
+        last = [r for r in records if r.step < row["iterations"]][-1]
+        row["lr"], row["top_eigenvalue"] = last.lr, last.lambda_max
+
+
+def _slq_outputs(summary: dict, learner: SLQLearningRate, tmp: Path) -> None:
+    refreshes = [{k: finite(v) for k, v in asdict(r).items()} for r in learner.records]
+    summary["context"]["slq"] = {"every": learner.every, "lanczos steps": learner.num_steps,
+                                 "batch": learner.batch_size, "lambda_min": f"{learner.quantile:g} quantile of the "
+                                 "positive part of the SLQ density", "max momentum": learner.max_momentum,
+                                 "smoothing": learner.smoothing, "lr factor": learner.lr_factor,
+                                 "model mode": "eval"}
+    summary["context"]["base lr"] = "learned (slq)"
+    summary["final"]["momentum"] = learner.momentum
+    summary["slq_refreshes"] = refreshes
+    (tmp / "slq.csv").write_text(rows_csv(refreshes, SLQ_COLUMNS))
 
 
 # ---- the Newton-type optimizers ----------------------------------------------------------------------
