@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from secondorder.cli import analyze, newton, prune, quantize, train
+from secondorder.cli import analyze, batch_scaling, newton, prune, quantize, train
 from secondorder.cli.common import UsageError
 from secondorder.distributed import DistributedError
 from secondorder.operators import NonFiniteError
@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     newton.add_parser(sub)
     train.add_parser(sub)
     prune.add_parser(sub)
+    batch_scaling.add_parser(sub)
     return parser
 
 
