@@ -30,7 +30,10 @@ def regression(n: int = 10, d: int = 3):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64)
     y = torch.randn(n, 1, generator=g, dtype=torch.float64)
-    return X, y, nn.Linear(d, 1, bias=False).double()
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():  # from the generator, not the global RNG: the same start in any test order
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=torch.float64) * 0.5)
+    return X, y, model
 
 
 def top(X: torch.Tensor) -> float:
