@@ -1,8 +1,15 @@
 """Small, offline data sets and problems for exercising curvature code."""
 
+from secondorder.datasets.colored_digits import (
+    ENV_FLIP_PROBS,
+    DigitEnvironment,
+    colored_digit_environments,
+    colored_digits,
+)
 from secondorder.datasets.default import Problem, default_problem
 from secondorder.datasets.mnist1d import Mnist1dCNN, TrainedMnist1d, load_mnist1d, train_mnist1d
 from secondorder.datasets.synthetic import batches, gaussian_mixture
 
-__all__ = ["Mnist1dCNN", "Problem", "TrainedMnist1d", "batches", "default_problem", "gaussian_mixture",
+__all__ = ["ENV_FLIP_PROBS", "DigitEnvironment", "colored_digit_environments", "colored_digits",
+           "Mnist1dCNN", "Problem", "TrainedMnist1d", "batches", "default_problem", "gaussian_mixture",
            "load_mnist1d", "train_mnist1d"]
