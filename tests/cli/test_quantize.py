@@ -8,7 +8,8 @@ import pytest
 import torch.nn.functional as F
 
 from secondorder.cli import main
-from secondorder.quant import allocate_bits, layer_sensitivities
+from secondorder.cli.quantize import evaluate
+from secondorder.quant import allocate_bits, gptq_quantize, layer_sensitivities
 
 OWN = ["quantize", "--model", "clinets:make_net", "--data", "clinets:batches", "--probes", "9", "--quiet"]
 
@@ -47,6 +48,8 @@ def test_bops_budget_uses_the_ilp(project, capsys):
     (["--bits", "0,4"], "1..32"),
     (["--bits", "four"], "comma-separated integers"),
     (["--bops", "1.5", "--bits", "4,8"], "alpha"),
+    (["--rounding", "gptq", "--finetune-epochs", "1"], "post-training"),
+    (["--act-order"], "--rounding gptq only"),
 ])
 def test_bad_input_exits_2_and_writes_nothing(project, capsys, args, message):
     root, _ = project
@@ -55,6 +58,19 @@ def test_bad_input_exits_2_and_writes_nothing(project, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("secondorder: error:") and len(err.splitlines()) == 1 and message in err, err
     assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_gptq_rounding_equals_the_api(project, capsys):
+    root, clinets = project
+    assert main([*OWN, "--budget-bits", "3", "--rounding", "gptq", "--act-order", "--json", "--out", "q"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    bits = printed["allocation"]["bits"]
+    want = gptq_quantize(clinets.make_net(), bits, clinets.batches(), act_order=True)
+    assert printed["gptq"] == [layer.as_dict() for layer in want.layers.values()]
+    assert [g["name"] for g in printed["gptq"]] == ["0", "2"] and all(g["samples"] == 40 for g in printed["gptq"])
+    assert printed["results"]["quantized (GPTQ)"] == evaluate(want.model, F.cross_entropy, clinets.batches(), "cpu")
+    assert set(printed["results"]) == {"full precision", "quantized (PTQ)", "quantized (GPTQ)"}
+    assert "| error GPTQ |" in (root / "q" / "report.md").read_text()
 
 
 def test_params_choose_the_layers(project):

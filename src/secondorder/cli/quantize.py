@@ -38,6 +38,7 @@ from secondorder.quant import (
     allocate_bits,
     allocate_bits_ilp,
     finetune,
+    gptq_quantize,
     interpolated_budget,
     layer_sensitivities,
     pareto_frontier,
@@ -52,6 +53,7 @@ examples:
   secondorder quantize                                  MNIST-1D CNN at an average of 4 bits
   secondorder quantize --budget-bits 3 --finetune-epochs 2
   secondorder quantize --bits 4,8 --budget-bits 6 --bops 0.5      HAWQ-V3: size and BOPs budgets
+  secondorder quantize --budget-bits 3 --rounding gptq --act-order   HAWQ bits, GPTQ rounding
   secondorder quantize --model mypkg.nets:make --checkpoint net.pt --data mypkg.data:calib \\
                        --budget-mb 0.5 --pin conv1=8 --pin fc=8 --tie layer1.0.conv2,layer1.0.downsample.0
 
@@ -85,6 +87,10 @@ def add_parser(sub) -> None:
     b.add_argument("--granularity", choices=["channel", "tensor", "group"], default="channel",
                    help="weight scales per output channel (default), per tensor, or per group of rows (Q-BERT)")
     b.add_argument("--group-size", type=int, help="rows per group with --granularity group")
+    b.add_argument("--rounding", choices=["nearest", "gptq"], default="nearest",
+                   help="round to nearest (default) or GPTQ: second-order rounding from each layer's input "
+                        "Hessian on the sensitivity data, layer after layer, no fine-tuning")
+    b.add_argument("--act-order", action="store_true", help="with --rounding gptq: columns by descending diag(H)")
     t = q.add_argument_group("estimation and fine-tuning")
     t.add_argument("--probes", type=int, default=90, help="Hutch++ products for the traces (default: 90)")
     t.add_argument("--finetune-epochs", type=int, default=0, help="quantization-aware epochs (default: 0)")
@@ -217,6 +223,13 @@ def _markdown(summary: dict) -> str:
     for name, res in r.items():
         acc = "-" if res["accuracy"] is None else f"{100 * res['accuracy']:.2f}%"
         lines.append(f"| {name} | {res['loss']:.4f} | {acc} |")
+    if "gptq" in summary:
+        lines += ["", "GPTQ rounding: layer output error tr((W - Ŵ) H (W - Ŵ)ᵀ) on the calibration inputs",
+                  "", "| layer | bits | damping / mean diag H | raises | dead inputs | error GPTQ | error nearest |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for g in summary["gptq"]:
+            lines.append(f"| {g['name']} | {g['bits']} | {g['relative_damping']:.3g} | {g['damping_raises']} | "
+                         f"{g['dead_inputs']} | {g['error']:.4g} | {g['nearest_error']:.4g} |")
     return "\n".join(lines + ["", "![Pareto frontier](pareto.png)", "", "![layers](layers.png)", ""])
 
 
@@ -232,6 +245,11 @@ def _run(args: argparse.Namespace, tmp: Path) -> tuple[dict, str]:
     bits = _bits(args.bits)
     if args.finetune_epochs < 0 or args.probes < 3:
         raise UsageError("--finetune-epochs must be >= 0 and --probes >= 3")
+    if args.rounding == "gptq" and args.finetune_epochs:
+        raise UsageError("--rounding gptq is post-training rounding; quantization-aware fine-tuning "
+                         "(--finetune-epochs) would round the weights to nearest again")
+    if args.act_order and args.rounding != "gptq":
+        raise UsageError("--act-order applies to --rounding gptq only")
     model, loss_fn, data, fine_data, eval_data, context = (_own if wants_own_model(args) else _default)(args, device)
     if not quantizable_layers(model):
         raise UsageError("the model has no quantizable layers (modules holding a weight of 2 or more dimensions)")
@@ -256,6 +274,16 @@ def _quantize(args, tmp: Path, device, bits, model, loss_fn, data, fine_data, ev
     results = {"full precision": evaluate(model, loss_fn, eval_data, device)}
     qmodel = quantize(model, allocation.bits, granularity=args.granularity, group_size=args.group_size)
     results["quantized (PTQ)"] = evaluate(qmodel, loss_fn, eval_data, device)
+    gptq = None
+    if args.rounding == "gptq":
+        try:
+            rounded = gptq_quantize(model, allocation.bits, data, granularity=args.granularity,
+                                    group_size=args.group_size, act_order=args.act_order, progress=not args.quiet)
+        except (ValueError, TypeError) as err:
+            raise UsageError(f"--rounding gptq: {str(err).strip().splitlines()[0]}") from err
+        results["quantized (GPTQ)"] = evaluate(rounded.model, loss_fn, eval_data, device)
+        gptq = [layer.as_dict() for layer in rounded.layers.values()]
+        context["rounding"] = "GPTQ, sequential" + (", activation order" if args.act_order else "")
     if args.finetune_epochs:
         finetune(qmodel, loss_fn, fine_data, epochs=args.finetune_epochs, lr=args.lr, progress=not args.quiet)
         results[f"quantized + {args.finetune_epochs} QAT epochs"] = evaluate(qmodel, loss_fn, eval_data, device)
@@ -276,6 +304,8 @@ def _quantize(args, tmp: Path, device, bits, model, loss_fn, data, fine_data, ev
         "results": results,
         "frontier": [{"size_bits": a.size_bits, "sensitivity": a.sensitivity, "bits": a.bits} for a in frontier],
     }
+    if gptq is not None:
+        summary["gptq"] = gptq
     _plots(tmp, omega, sens, allocation, frontier)
     (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
     (tmp / "report.md").write_text(_markdown(summary))

@@ -8,7 +8,8 @@
 * :mod:`~secondorder.quant.allocation`: exact bit allocation (multiple-choice knapsack by a Pareto
   dynamic programme; HAWQ-V3's integer linear programme under size, BOPs and latency budgets;
   a brute-force oracle);
-* :mod:`~secondorder.quant.qat`: post-training quantization and quantization-aware fine-tuning.
+* :mod:`~secondorder.quant.qat`: post-training quantization and quantization-aware fine-tuning;
+* :mod:`~secondorder.quant.gptq`: second-order post-training rounding (GPTQ) from layer Hessians.
 """
 
 from secondorder.quant.allocation import (
@@ -20,6 +21,14 @@ from secondorder.quant.allocation import (
     interpolated_budget,
     pareto_frontier,
     uniform_cost,
+)
+from secondorder.quant.gptq import (
+    GPTQLayerResult,
+    GPTQResult,
+    GPTQRounding,
+    gptq_quantize,
+    gptq_round,
+    layer_hessians,
 )
 from secondorder.quant.macs import layer_macs
 from secondorder.quant.qat import finetune, quantize
@@ -44,6 +53,9 @@ from secondorder.quant.sensitivity import (
 __all__ = [
     "ActivationQuantizer",
     "Allocation",
+    "GPTQLayerResult",
+    "GPTQResult",
+    "GPTQRounding",
     "LayerSensitivity",
     "QuantizedLayer",
     "Sensitivities",
@@ -53,9 +65,12 @@ __all__ = [
     "enumerate_configurations",
     "fake_quantize",
     "finetune",
+    "gptq_quantize",
+    "gptq_round",
     "hawq_v1",
     "hawq_v2",
     "interpolated_budget",
+    "layer_hessians",
     "layer_macs",
     "layer_sensitivities",
     "pareto_frontier",
