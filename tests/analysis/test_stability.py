@@ -266,5 +266,5 @@ def test_refusals():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="positive finite"):
             plain_preconditioner(bad)
-    with pytest.raises(ValueError, match="momentum must lie"):
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
         HessianTracker(F.cross_entropy, data, lr=0.1, momentum=1.0)

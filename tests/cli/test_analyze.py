@@ -77,7 +77,7 @@ def test_kfac_beside_the_gauss_newton_matrix(project, capsys):
     (["--model", "clinets:make_net", "--data", "clinets:batches", "--top-k", "0"], "top_k"),
     (["--checkpoint", "first.pt"], "--model and --data go together"),
     (["--lr", "-1"], "positive finite"),
-    (["--momentum", "1.5"], "momentum must lie in [0, 1)"),
+    (["--momentum", "1.5"], "momentum must be in [0, 1)"),
     (["--optimizer-state", "adam.pt"], "is for your --model"),
     (["--model", "clinets:make_net", "--data", "clinets:batches", "--momentum", "0.9"], "--momentum needs --lr"),
     (["--model", "clinets:make_net", "--data", "clinets:batches", "--optimizer-state", "adam.pt", "--lr", "1"],

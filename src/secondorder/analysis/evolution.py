@@ -25,7 +25,7 @@ from torch import nn
 
 from secondorder.analysis.stability import (
     StabilityCheck,
-    plain_preconditioner,
+    check_rate_source,
     preconditioned_top,
     preconditioner_for,
     stability_check,
@@ -72,10 +72,7 @@ class HessianTracker:
     def __init__(self, loss_fn: Callable, data: Any, params: Any = None, trace_matvecs: int = 30, seed: int = 0,
                  lr: float | None = None, momentum: float = 0.0, optimizer: Any = None, every: int = 1,
                  **operator_kwargs: Any):
-        if optimizer is not None and lr is not None:
-            raise ValueError("give the learning rate or the optimizer (whose learning rate is read), not both")
-        if lr is not None:
-            plain_preconditioner(lr, momentum)  # checked now, not at the first record
+        check_rate_source(lr, momentum, optimizer)  # now, not at the first record
         self.loss_fn, self.data, self.params = loss_fn, data, params
         self.trace_matvecs, self.seed, self.operator_kwargs = trace_matvecs, seed, operator_kwargs
         self.lr, self.momentum, self.optimizer, self.every = lr, momentum, optimizer, positive_int(every, "every")

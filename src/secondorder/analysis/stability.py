@@ -42,11 +42,13 @@ from torch import Tensor
 from secondorder.linalg.eigen import eigenvalues
 from secondorder.linalg.results import EigenResult, Serializable, TraceResult
 from secondorder.operators.base import CongruenceOperator, LinearOperator
+from secondorder.validation import fraction, positive_finite
 
 __all__ = [
     "BoundCheck",
     "Preconditioner",
     "StabilityCheck",
+    "check_rate_source",
     "ema_threshold",
     "optimizer_preconditioner",
     "plain_preconditioner",
@@ -65,8 +67,7 @@ def sgd_threshold(lr: float, momentum: float = 0.0, dampening: float = 0.0, nest
     (2/lr for plain gradient descent).
     """
     _check_rate(lr, momentum)
-    if not 0.0 <= dampening < 1.0:
-        raise ValueError(f"dampening must lie in [0, 1), got {dampening}")
+    fraction(dampening, "dampening")
     scale = (1 + 2 * momentum) if nesterov else 1.0
     return (2 + 2 * momentum) / (scale * (1 - dampening) * lr)
 
@@ -81,10 +82,8 @@ def ema_threshold(lr: float, beta1: float) -> float:
 
 
 def _check_rate(lr: float, momentum: float) -> None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"the learning rate must be a positive finite number, got {lr!r}")
-    if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"the momentum must lie in [0, 1), got {momentum}")
+    positive_finite(lr, "the learning rate")
+    fraction(momentum, "the momentum")
 
 
 @dataclass(frozen=True)
@@ -215,9 +214,9 @@ def optimizer_preconditioner(optimizer: Any, params: Sequence[Tensor],
             name = "this optimizer" if isinstance(optimizer, dict) else type(optimizer).__name__
             raise ValueError(f"no optimizer state to read a stability rule from: {name} has taken no step yet "
                              f"(take at least one step first) or is not supported ({SUPPORTED})")
-        rules = {(_sgd(g).lr, _sgd(g).threshold, _sgd(g).trace_threshold) for g in chosen}
-        _one(rules, "learning rate, momentum, dampening and nesterov")
-        return _sgd(chosen[0])
+        rules = [_sgd(g) for g in chosen]
+        _one({(r.lr, r.threshold, r.trace_threshold) for r in rules}, "learning rate, momentum, dampening and nesterov")
+        return rules[0]
     rule, diagonal, momentum_of, form = _ADAPTIVE[kind]
     _one({(g["lr"], momentum_of(g)) for g in chosen}, "learning rate and momentum")
     lr, beta = chosen[0]["lr"], momentum_of(chosen[0])
@@ -322,13 +321,22 @@ def preconditioned_top(op: LinearOperator, preconditioner: Preconditioner, seed:
                        **eig_kwargs)
 
 
+def check_rate_source(lr: float | None, momentum: float, optimizer: Any) -> None:
+    """Where the stability checks take their learning rate from: ``lr`` (valid, with ``momentum``)
+    or ``optimizer``, not both.
+    """
+    if optimizer is not None and lr is not None:
+        raise ValueError("give the learning rate or the optimizer (whose learning rate is read), not both")
+    if lr is not None:
+        _check_rate(lr, momentum)
+
+
 def preconditioner_for(op: Any, lr: float | None = None, momentum: float = 0.0, optimizer: Any = None,
                        parameters: Sequence[Tensor] | None = None) -> Preconditioner | None:
     """The preconditioner of ``optimizer`` on ``op``'s parameters, or plain SGD's at ``lr`` and
     ``momentum``, or ``None`` when neither is given (no stability check).
     """
-    if optimizer is not None and lr is not None:
-        raise ValueError("give the learning rate or the optimizer (whose learning rate is read), not both")
+    check_rate_source(lr, momentum, optimizer)
     if optimizer is not None:
         return optimizer_preconditioner(optimizer, op.params, parameters)
     return None if lr is None else plain_preconditioner(lr, momentum)

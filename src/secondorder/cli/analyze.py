@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from secondorder.analysis import HessianTracker, analyze, hessian_evolution, summary_table, write_report
-from secondorder.analysis.stability import optimizer_preconditioner, plain_preconditioner
+from secondorder.analysis.stability import check_rate_source, optimizer_preconditioner
 from secondorder.cli.batches import WatchedBatches, naming_the_batch
 from secondorder.cli.common import (
     FACTORIES_HELP,
@@ -120,7 +120,7 @@ def _check_stability_options(args: argparse.Namespace) -> None:
         raise UsageError("--momentum needs --lr")
     if args.lr is not None or args.momentum is not None:
         with user_input("--lr/--momentum"):
-            plain_preconditioner(0.1 if args.lr is None else args.lr, args.momentum or 0.0)
+            check_rate_source(DEFAULT_LR if args.lr is None else args.lr, args.momentum or 0.0, None)
 
 
 def _optimizer_state(args: argparse.Namespace, model: torch.nn.Module) -> dict | None:
