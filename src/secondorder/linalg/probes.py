@@ -31,14 +31,21 @@ def make_generator(seed: Seed, A: LinearOperator) -> torch.Generator:
     return gen
 
 
+def rademacher_signs(num: int, size: int, gen: torch.Generator, device: torch.device | str | None = None) -> Tensor:
+    """A ``[num, size]`` int8 block of independent +-1 entries drawn from ``gen`` only (on ``device``,
+    default the generator's).
+    """
+    signs = torch.randint(0, 2, (num, size), generator=gen, device=gen.device, dtype=torch.int8)
+    return signs.to(gen.device if device is None else device).mul_(2).sub_(1)
+
+
 def rademacher(A: LinearOperator, num: int, gen: torch.Generator, compact: bool = False) -> Tensor:
     """A ``[P, num]`` block of independent +-1 entries on the operator's device.
 
     In the operator's dtype, or as int8 with ``compact=True`` (a quarter of float32's memory).
     Column-major: each probe is a contiguous row of the transpose.
     """
-    signs = torch.randint(0, 2, (num, A.shape[0]), generator=gen, device=gen.device, dtype=torch.int8)
-    signs = signs.to(A.device).mul_(2).sub_(1)
+    signs = rademacher_signs(num, A.shape[0], gen, A.device)
     return (signs if compact else signs.to(A.dtype)).T
 
 

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from secondorder import validation
+from secondorder.linalg.probes import rademacher_signs
 from secondorder.operators.params import ParamSelector, select_parameters
 
 __all__ = ["VARIANTS", "AlignmentParts", "HessianAlignment", "hessian_gradient_product", "head_gradient",
@@ -107,8 +108,7 @@ def rademacher_probes(num: int, size: int, generator: torch.Generator, dtype: to
                       device: torch.device | str | None = None) -> Tensor:
     """A ``[num, size]`` block of independent +-1 entries drawn from ``generator`` only."""
     validation.positive_int(num, "num_probes")
-    signs = torch.randint(0, 2, (num, size), generator=generator, device=generator.device, dtype=torch.int8)
-    return signs.to(device=device if device is not None else generator.device, dtype=dtype).mul_(2).sub_(1)
+    return rademacher_signs(num, size, generator, device).to(dtype)
 
 
 def hutchinson_diagonal(grad: Tensor, params: Sequence[Tensor], probes: Tensor, create_graph: bool = True) -> Tensor:
