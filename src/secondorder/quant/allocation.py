@@ -24,11 +24,24 @@ weight bits unless fixed) and a measured latency table :math:`T_i(b)`.
 * :func:`brute_force` / :func:`enumerate_configurations` enumerate every configuration: the
   test oracle, and the "plot every configuration" view of HAWQ-V2.
 
-Tied layers form one item whose bit width all of them take; pinned layers have one option.
-Every solver reports :math:`\sum\Omega` through the same summation (items in layer order, a tie
-group's members summed first), so results of different solvers compare exactly. Ties between
-equal optima are broken the same way everywhere: the smaller size, then the lexicographically
-smallest bit widths in layer order.
+Joint weight + activation allocation puts HAWQ-V2's activation sensitivities into HAWQ-V3's ILP:
+layer :math:`i` picks a pair :math:`(w_i, a_i)` from its weight candidates times its activation
+candidates, costing :math:`\Omega^W_i(w_i)+\Omega^A_i(a_i)`, with size :math:`n_i w_i`
+(activations are not stored) and BOPs :math:`\mathrm{MACs}_i\,w_i\,a_i`:
+:func:`allocate_joint` (the ILP over binary :math:`x_{i,w,a}`), :func:`brute_force_joint` /
+:func:`enumerate_joint` (the oracle) and :func:`joint_frontier` (the exact (BOPs,
+:math:`\sum\Omega`) Pareto frontier by the same DP, activations free or fixed: the "weight-only
+vs weight+activation at equal BOPs" curves).
+
+Every solver works on the same representation: per layer a list of options (a key, the weight
+bits or the (weight, activation) pair, with its size, BOPs, cost and latency), and items (a tie
+group or a lone layer) taking one key for all their layers. Tied layers form one item; pinned
+layers have one option (in joint allocation weight and activation pins each fix their half of the
+key). Every solver reports :math:`\sum\Omega` through the same summation (items in layer order, a
+tie group's members summed first), so results of different solvers compare exactly. The DP and
+the enumeration break ties between equal optima the same way: the smaller size (then, in joint
+allocation, the smaller BOPs), then the lexicographically smallest keys in layer order; the ILP
+returns one of the optima (the same one when the optimum is unique).
 
 Pure numpy/scipy; no torch and no random numbers.
 """
@@ -39,7 +52,7 @@ import itertools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -50,9 +63,13 @@ __all__ = [
     "Allocation",
     "allocate_bits",
     "allocate_bits_ilp",
+    "allocate_joint",
     "brute_force",
+    "brute_force_joint",
     "enumerate_configurations",
+    "enumerate_joint",
     "interpolated_budget",
+    "joint_frontier",
     "pareto_frontier",
     "uniform_cost",
 ]
@@ -63,16 +80,20 @@ _INT64_SAFE = 2**62
 _OBJECTIVE_SCALE = 1e4  # the ILP objective's largest coefficient after rescaling (see _ilp_objective)
 
 SensitivityTable = Mapping[str, Mapping[int, float]]
+_Key = tuple[int, ...]  # one layer's choice: (weight bits,), or (weight bits, activation bits)
+_Quantity = Literal["size", "bops", "cost", "latency"]
 
 
 @dataclass(frozen=True)
 class Allocation:
-    r"""One bit width per layer and what it costs.
+    r"""One bit width per layer (and, from joint allocation, one activation bit width) and what it costs.
 
-    ``sensitivity`` is :math:`\sum_i \Omega_i(b_i)`; ``size_bits`` is :math:`\sum_i n_i b_i`;
-    ``bops`` (when MACs were given) :math:`\sum_i \mathrm{MACs}_i b_i a_i(b_i)`; ``latency`` (when a
-    table was given) :math:`\sum_i T_i(b_i)`; ``solver`` is ``"dp"``, ``"milp"`` or ``"brute-force"``;
-    ``num_weights`` is :math:`\sum_i n_i`.
+    ``sensitivity`` is :math:`\sum_i \Omega_i(b_i)` (joint: :math:`\sum_i \Omega^W_i(w_i)+\Omega^A_i(a_i)`);
+    ``size_bits`` is :math:`\sum_i n_i b_i`; ``bops`` (when MACs were given)
+    :math:`\sum_i \mathrm{MACs}_i b_i a_i`; ``latency`` (when a table was given) :math:`\sum_i T_i(b_i)`;
+    ``solver`` is ``"dp"``, ``"milp"`` or ``"brute-force"``; ``num_weights`` is :math:`\sum_i n_i`;
+    ``act_bits`` the activation bits per layer of a joint allocation, None from the weight-only
+    solvers (where activations follow the weight bits or the ``act_bits`` given to them).
     """
 
     bits: dict[str, int]
@@ -82,6 +103,7 @@ class Allocation:
     latency: float | None
     solver: str
     num_weights: int
+    act_bits: dict[str, int] | None = None
 
     @property
     def size_bytes(self) -> float:
@@ -94,21 +116,37 @@ class Allocation:
         return self.size_bits / self.num_weights if self.num_weights else math.nan
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- the representation
+
+
+@dataclass(frozen=True)
+class _Option:
+    """One candidate of one layer: its key and its size, BOPs, cost and latency (None without data)."""
+
+    key: _Key
+    size: int
+    bops: int | None
+    cost: float
+    latency: float | None
 
 
 @dataclass(frozen=True)
 class _Problem:
-    """Validated inputs; ``items`` are the tie groups and lone layers ordered by first layer."""
+    """Validated inputs as options.
+
+    ``candidates`` holds every layer's options by key (sorted); ``items`` are the tie groups and
+    lone layers ordered by first layer, ``options`` the keys each item may take (pins applied).
+    ``joint`` says the keys are (weight, activation) pairs.
+    """
 
     layers: tuple[str, ...]
-    omega: dict[str, dict[int, float]]
-    sizes: dict[str, int]
+    num_weights: int
+    candidates: dict[str, dict[_Key, _Option]]
     items: tuple[tuple[str, ...], ...]
-    options: tuple[tuple[int, ...], ...]
-    macs: dict[str, int] | None
-    act_bits: dict[str, int]
-    latency: dict[str, dict[int, float]] | None
+    options: tuple[tuple[_Key, ...], ...]
+    has_bops: bool
+    has_latency: bool
+    joint: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,8 @@ class _Budgets:
     bops: float | None = None
     latency: float | None = None
 
+
+# --------------------------------------------------------------------------- validation
 
 
 def _check_count(value: object, where: str) -> int:
@@ -162,17 +202,15 @@ def _check_table(table: object, where: str, check_value: Callable[[object, str],
     return dict(sorted(checked.items()))
 
 
-def _check_sensitivity(sensitivity: SensitivityTable) -> dict[str, dict[int, float]]:
-    _check_mapping(sensitivity, "sensitivity")
+def _check_sensitivity(sensitivity: SensitivityTable, what: str = "sensitivity") -> dict[str, dict[int, float]]:
+    _check_mapping(sensitivity, what)
     if not sensitivity:
-        raise ValueError("sensitivity has no layers")
-    return {
-        name: _check_table(table, f"sensitivity[{name!r}]", _check_real) for name, table in sensitivity.items()
-    }
+        raise ValueError(f"{what} has no layers")
+    return {name: _check_table(table, f"{what}[{name!r}]", _check_real) for name, table in sensitivity.items()}
 
 
-def _check_sizes(sizes: Mapping[str, int], layers: Sequence[str]) -> dict[str, int]:
-    _check_same_names("sizes", _check_mapping(sizes, "sizes"), layers)
+def _check_sizes(sizes: Mapping[str, int], layers: Sequence[str], reference: str = "sensitivity") -> dict[str, int]:
+    _check_same_names("sizes", _check_mapping(sizes, "sizes"), layers, reference)
     checked = {name: _check_count(sizes[name], f"sizes[{name!r}]") for name in layers}
     if sum(checked.values()) * _MAX_BITS >= _INT64_SAFE:
         raise ValueError(f"sizes sum to {sum(checked.values())} weights, too many to count in int64 bits")
@@ -216,17 +254,23 @@ def _check_latency(
 
 
 def _check_pinned(
-    pinned: Mapping[str, int] | None, layers: Sequence[str], omega: dict[str, dict[int, float]]
+    pinned: Mapping[str, int] | None,
+    layers: Sequence[str],
+    omega: dict[str, dict[int, float]],
+    what: str = "pinned",
+    label: str = "",
 ) -> dict[str, int]:
+    """Pins (``what``) as bit widths that are candidates (``label``: "" or "activation ") of their layers."""
     if pinned is None:
         return {}
-    _check_mapping(pinned, "pinned")
-    _check_known("pinned", list(pinned), layers)
-    checked = {name: validation.bit_width(b, f"pinned[{name!r}]", 1, _MAX_BITS) for name, b in pinned.items()}
+    _check_mapping(pinned, what)
+    _check_known(what, list(pinned), layers)
+    checked = {name: validation.bit_width(b, f"{what}[{name!r}]", 1, _MAX_BITS) for name, b in pinned.items()}
     for name, b in checked.items():
         if b not in omega[name]:
             raise ValueError(
-                f"pinned[{name!r}] = {b} is not a candidate bit width of that layer; candidates: {list(omega[name])}"
+                f"{what}[{name!r}] = {b} is not a candidate {label}bit width of that layer; "
+                f"candidates: {list(omega[name])}"
             )
     return checked
 
@@ -249,34 +293,41 @@ def _check_tied(tied: Sequence[Sequence[str]] | None, layers: Sequence[str]) -> 
     return groups
 
 
-def _tie_options(group: tuple[str, ...], omega: dict[str, dict[int, float]]) -> tuple[int, ...]:
+# one factor of the keys: a candidate table, its pins, and the label its messages use ("" or "activation ")
+_Factor = tuple[dict[str, dict[int, float]], dict[str, int], str]
+
+
+def _tie_options(group: tuple[str, ...], omega: dict[str, dict[int, float]], label: str = "") -> tuple[int, ...]:
     """The candidate bit widths of a tie group, which must be the same for all its layers."""
     sets = {name: tuple(omega[name]) for name in group}
     if len(set(sets.values())) > 1:
-        raise ValueError(f"tied layers must have the same candidate bit widths; got {sets}")
+        raise ValueError(f"tied layers must have the same candidate {label}bit widths; got {sets}")
     return sets[group[0]]
 
 
-def _item_options(group: tuple[str, ...], omega: dict[str, dict[int, float]], pins: dict[str, int]) -> tuple[int, ...]:
-    """One item's options: its candidates, or its one pinned bit width."""
-    options = _tie_options(group, omega)
-    pinned = {name: pins[name] for name in group if name in pins}
-    if len(set(pinned.values())) > 1:
-        raise ValueError(f"tied layers are pinned to different bit widths: {pinned}")
-    return (next(iter(pinned.values())),) if pinned else options
+def _item_options(group: tuple[str, ...], factors: Sequence[_Factor]) -> tuple[_Key, ...]:
+    """One item's keys: the product over the factors of its candidates, or of its one pinned bit width."""
+    parts = []
+    for omega, pins, label in factors:
+        options = _tie_options(group, omega, label)
+        pinned = {name: pins[name] for name in group if name in pins}
+        if len(set(pinned.values())) > 1:
+            raise ValueError(f"tied layers are pinned to different {label}bit widths: {pinned}")
+        parts.append((next(iter(pinned.values())),) if pinned else options)
+    return tuple(itertools.product(*parts))
 
 
 def _build_items(
-    layers: Sequence[str], omega: dict[str, dict[int, float]], pins: dict[str, int], groups: list[tuple[str, ...]]
-) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[int, ...], ...]]:
-    """Tie groups and lone layers as items, ordered by their first layer."""
+    layers: Sequence[str], factors: Sequence[_Factor], groups: list[tuple[str, ...]]
+) -> tuple[tuple[tuple[str, ...], ...], tuple[tuple[_Key, ...], ...]]:
+    """Tie groups and lone layers as items, ordered by their first layer, and their keys."""
     group_of = {name: group for group in groups for name in group}
     items: list[tuple[str, ...]] = []
     for name in layers:
         group = group_of.get(name, (name,))
         if group[0] == name:
             items.append(group)
-    return tuple(items), tuple(_item_options(item, omega, pins) for item in items)
+    return tuple(items), tuple(_item_options(item, factors) for item in items)
 
 
 def _validate(
@@ -289,30 +340,114 @@ def _validate(
     act_bits: Mapping[str, int] | None = None,
     latency: SensitivityTable | None = None,
 ) -> _Problem:
-    """Check every input (shared by all solvers) and build the items."""
+    """Check every input of the weight-only solvers and build the options (keys ``(b,)``) and items."""
     omega = _check_sensitivity(sensitivity)
     layers = tuple(omega)
     checked_macs = _check_macs(macs, layers)
-    items, options = _build_items(
-        layers, omega, _check_pinned(pinned, layers, omega), _check_tied(tied, layers)
-    )
+    factors: list[_Factor] = [(omega, _check_pinned(pinned, layers, omega), "")]
+    items, options = _build_items(layers, factors, _check_tied(tied, layers))
+    checked_sizes = _check_sizes(sizes, layers)
+    fixed = _check_act_bits(act_bits, layers, checked_macs is not None)
+    checked_latency = _check_latency(latency, layers, omega)
+    candidates: dict[str, dict[_Key, _Option]] = {
+        name: {
+            (b,): _Option(
+                key=(b,),
+                size=checked_sizes[name] * b,
+                bops=None if checked_macs is None else checked_macs[name] * b * fixed.get(name, b),
+                cost=cost,
+                latency=None if checked_latency is None else checked_latency[name][b],
+            )
+            for b, cost in omega[name].items()
+        }
+        for name in layers
+    }
     return _Problem(
         layers=layers,
-        omega=omega,
-        sizes=_check_sizes(sizes, layers),
+        num_weights=sum(checked_sizes.values()),
+        candidates=candidates,
         items=items,
         options=options,
-        macs=checked_macs,
-        act_bits=_check_act_bits(act_bits, layers, checked_macs is not None),
-        latency=_check_latency(latency, layers, omega),
+        has_bops=checked_macs is not None,
+        has_latency=checked_latency is not None,
+    )
+
+
+def _check_fixed_acts(
+    act_bits: int | Mapping[str, int] | None, layers: Sequence[str], act_omega: dict[str, dict[int, float]]
+) -> dict[str, int]:
+    """Joint allocation's fixed activations: one int for every layer, or a dict naming every layer."""
+    if act_bits is None:
+        return {}
+    if isinstance(act_bits, Mapping):
+        _check_same_names("act_bits", act_bits, layers, "weight_sensitivity")
+        fixed = dict(act_bits)
+    else:
+        b = validation.bit_width(act_bits, "act_bits", 1, _MAX_BITS)
+        fixed = {name: b for name in layers}
+    return _check_pinned(fixed, layers, act_omega, "act_bits", "activation ")
+
+
+def _validate_joint(
+    weight_sensitivity: SensitivityTable,
+    act_sensitivity: SensitivityTable,
+    sizes: Mapping[str, int],
+    macs: Mapping[str, int] | None,
+    *,
+    pinned: Mapping[str, int] | None = None,
+    act_pinned: Mapping[str, int] | None = None,
+    tied: Sequence[Sequence[str]] | None = None,
+    act_bits: int | Mapping[str, int] | None = None,
+) -> _Problem:
+    """Check every input of the joint solvers and build the options (keys ``(w, a)``) and items."""
+    omega = _check_sensitivity(weight_sensitivity, "weight_sensitivity")
+    layers = tuple(omega)
+    given = _check_mapping(act_sensitivity, "act_sensitivity")
+    _check_same_names("act_sensitivity", given, layers, "weight_sensitivity")
+    act_omega = _check_sensitivity(act_sensitivity, "act_sensitivity")
+    checked_sizes = _check_sizes(sizes, layers, "weight_sensitivity")
+    checked_macs = _check_macs(macs, layers, "weight_sensitivity")
+    act_pins = _check_pinned(act_pinned, layers, act_omega, "act_pinned", "activation ")
+    fixed = _check_fixed_acts(act_bits, layers, act_omega)
+    for name in layers:
+        if name in act_pins and name in fixed and act_pins[name] != fixed[name]:
+            raise ValueError(f"act_pinned[{name!r}] = {act_pins[name]} contradicts act_bits[{name!r}] = {fixed[name]}")
+    factors: list[_Factor] = [
+        (omega, _check_pinned(pinned, layers, omega), ""),
+        (act_omega, {**act_pins, **fixed}, "activation "),
+    ]
+    items, options = _build_items(layers, factors, _check_tied(tied, layers))
+    candidates: dict[str, dict[_Key, _Option]] = {
+        name: {
+            (w, a): _Option(
+                key=(w, a),
+                size=checked_sizes[name] * w,
+                bops=None if checked_macs is None else checked_macs[name] * w * a,
+                cost=omega[name][w] + act_omega[name][a],
+                latency=None,
+            )
+            for w in omega[name]
+            for a in act_omega[name]
+        }
+        for name in layers
+    }
+    return _Problem(
+        layers=layers,
+        num_weights=sum(checked_sizes.values()),
+        candidates=candidates,
+        items=items,
+        options=options,
+        has_bops=checked_macs is not None,
+        has_latency=False,
+        joint=True,
     )
 
 
 def _check_budgets(problem: _Problem, size: object, bops: object, latency: object) -> _Budgets:
     """Budgets as floats; one given without the data it constrains is an error."""
-    if bops is not None and problem.macs is None:
+    if bops is not None and not problem.has_bops:
         raise ValueError("bops_budget needs macs (the MACs of every layer)")
-    if latency is not None and problem.latency is None:
+    if latency is not None and not problem.has_latency:
         raise ValueError("latency_budget needs latency (a latency table per layer and bit width)")
     return _Budgets(
         size=None if size is None else _check_real(size, "size_budget_bits"),
@@ -324,55 +459,38 @@ def _check_budgets(problem: _Problem, size: object, bops: object, latency: objec
 # --------------------------------------------------------------------------- per-item quantities
 
 
-def _item_size(p: _Problem, k: int, b: int) -> int:
-    """Size in bits of item ``k`` at ``b`` bits: ``sum_{i in item} n_i b``."""
-    return sum(p.sizes[name] for name in p.items[k]) * b
-
-
-def _item_cost(p: _Problem, k: int, b: int) -> float:
-    """``sum_{i in item} Omega_i(b)``, members in layer order."""
-    cost = 0.0
+def _item_total(p: _Problem, k: int, key: _Key, quantity: _Quantity) -> float:
+    """``sum_{i in item k} quantity_i(key)``, members in layer order (size and BOPs stay ints)."""
+    total = 0.0 if quantity in ("cost", "latency") else 0
     for name in p.items[k]:
-        cost += p.omega[name][b]
-    return cost
-
-
-def _item_bops(p: _Problem, k: int, b: int) -> int:
-    """``sum_{i in item} MACs_i * b * a_i(b)``; activations follow ``b`` unless fixed."""
-    assert p.macs is not None
-    return sum(p.macs[name] * b * p.act_bits.get(name, b) for name in p.items[k])
-
-
-def _item_latency(p: _Problem, k: int, b: int) -> float:
-    """``sum_{i in item} T_i(b)``, members in layer order."""
-    assert p.latency is not None
-    total = 0.0
-    for name in p.items[k]:
-        total += p.latency[name][b]
+        value = getattr(p.candidates[name][key], quantity)
+        assert value is not None, quantity
+        total += value
     return total
 
 
-def _minimum(p: _Problem, quantity: Callable[[_Problem, int, int], float]) -> float:
+def _minimum(p: _Problem, quantity: _Quantity) -> float:
     """The smallest achievable total: every item at its cheapest option (the quantities are additive)."""
-    return sum(min(quantity(p, k, b) for b in p.options[k]) for k in range(len(p.items)))
+    return sum(min(_item_total(p, k, key, quantity) for key in p.options[k]) for k in range(len(p.items)))
 
 
-def _allocation(p: _Problem, choice: Sequence[int], solver: str) -> Allocation:
-    """The :class:`Allocation` of one bit width per item; every solver reports through here."""
+def _allocation(p: _Problem, choice: Sequence[_Key], solver: str) -> Allocation:
+    """The :class:`Allocation` of one key per item; every solver reports through here."""
     cost, latency = 0.0, 0.0
-    for k, b in enumerate(choice):
-        cost += _item_cost(p, k, b)
-        if p.latency is not None:
-            latency += _item_latency(p, k, b)
-    by_layer = {name: b for k, b in enumerate(choice) for name in p.items[k]}
+    for k, key in enumerate(choice):
+        cost += _item_total(p, k, key, "cost")
+        if p.has_latency:
+            latency += _item_total(p, k, key, "latency")
+    by_layer = {name: key for k, key in enumerate(choice) for name in p.items[k]}
     return Allocation(
-        bits={name: int(by_layer[name]) for name in p.layers},
+        bits={name: int(by_layer[name][0]) for name in p.layers},
         sensitivity=cost,
-        size_bits=sum(_item_size(p, k, b) for k, b in enumerate(choice)),
-        bops=None if p.macs is None else float(sum(_item_bops(p, k, b) for k, b in enumerate(choice))),
-        latency=None if p.latency is None else latency,
+        size_bits=int(sum(_item_total(p, k, key, "size") for k, key in enumerate(choice))),
+        bops=float(sum(_item_total(p, k, key, "bops") for k, key in enumerate(choice))) if p.has_bops else None,
+        latency=latency if p.has_latency else None,
         solver=solver,
-        num_weights=sum(p.sizes.values()),
+        num_weights=p.num_weights,
+        act_bits={name: int(by_layer[name][1]) for name in p.layers} if p.joint else None,
     )
 
 
@@ -390,13 +508,13 @@ def _bound_checks(p: _Problem, budgets: _Budgets) -> list[tuple[str, float, floa
     """(what, budget, smallest achievable, how) for every given budget."""
     checks = []
     if budgets.size is not None:
-        checks.append(("size budget {} bits", budgets.size, _minimum(p, _item_size),
+        checks.append(("size budget {} bits", budgets.size, _minimum(p, "size"),
                        "the smallest feasible model, {} bits (all layers at their lowest bits, " + _PINS + ")"))
     if budgets.bops is not None:
-        checks.append(("BOPs budget {}", budgets.bops, _minimum(p, _item_bops),
+        checks.append(("BOPs budget {}", budgets.bops, _minimum(p, "bops"),
                        "the smallest achievable BOPs, {} (all layers at their lowest bits, " + _PINS + ")"))
     if budgets.latency is not None:
-        checks.append(("latency budget {}", budgets.latency, _minimum(p, _item_latency),
+        checks.append(("latency budget {}", budgets.latency, _minimum(p, "latency"),
                        "the smallest achievable latency, {} (every layer at its fastest bit width, " + _PINS + ")"))
     return checks
 
@@ -423,10 +541,14 @@ def _jointly_infeasible(p: _Problem, budgets: _Budgets) -> ValueError:
 # --------------------------------------------------------------------------- Pareto DP (HAWQ-V2)
 
 
-def _item_arrays(p: _Problem, k: int) -> tuple[np.ndarray, np.ndarray]:
-    sizes = np.array([_item_size(p, k, b) for b in p.options[k]], dtype=np.int64)
-    costs = np.array([_item_cost(p, k, b) for b in p.options[k]], dtype=np.float64)
-    return sizes, costs
+_Resource = Literal["size", "bops"]
+
+
+def _item_arrays(p: _Problem, k: int, resource: _Resource) -> tuple[np.ndarray, np.ndarray]:
+    """Item ``k``'s options as (resource, cost) arrays, in the order of ``p.options[k]``."""
+    values = np.array([_item_total(p, k, key, resource) for key in p.options[k]], dtype=np.int64)
+    costs = np.array([_item_total(p, k, key, "cost") for key in p.options[k]], dtype=np.float64)
+    return values, costs
 
 
 def _pareto_step(
@@ -434,10 +556,11 @@ def _pareto_step(
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray, np.ndarray]:
     """Extend every non-dominated partial solution by every option of one item and prune.
 
-    ``state`` is (size, cost, lexicographic rank of the choices so far), sorted by size with
-    strictly decreasing cost. A candidate survives if it fits ``limit`` and its cost is below that
-    of every candidate with smaller size, or equal size and (lower cost, or equal cost and
-    lexicographically smaller choices). Returns the new state and each survivor's parent and option.
+    ``state`` is (resource, cost, lexicographic rank of the choices so far), sorted by resource
+    with strictly decreasing cost. A candidate survives if it fits ``limit`` and its cost is below
+    that of every candidate with smaller resource, or equal resource and (lower cost, or equal cost
+    and lexicographically smaller choices). Returns the new state and each survivor's parent and
+    option.
     """
     size, cost, rank = state
     opt_size, opt_cost = item
@@ -459,15 +582,21 @@ def _pareto_step(
     return (new_size, new_cost, new_rank), parent, option
 
 
-def _pareto_dp(p: _Problem, limit: int | None) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """Final non-dominated (size, cost) states, sorted by size, and their bit widths per item.
+def _pareto_dp(
+    p: _Problem, limit: int | None, resource: _Resource = "size"
+) -> tuple[np.ndarray, list[tuple[_Key, ...]]]:
+    """Final non-dominated (resource, cost) states, sorted by resource, and their keys per item.
 
-    Exact multiple-choice knapsack: a partial solution dominated in (size, cost) is dominated in
-    every completion, and one that cannot fit ``limit`` even with the smallest remaining options is
-    dropped, so only the Pareto set is carried from item to item.
+    Exact multiple-choice knapsack over an additive integer resource (size or BOPs): a partial
+    solution dominated in (resource, cost) is dominated in every completion, and one that cannot
+    fit ``limit`` even with the smallest remaining options is dropped, so only the Pareto set is
+    carried from item to item. Among equal (resource, cost) the lexicographically smallest keys.
     """
-    arrays = [_item_arrays(p, k) for k in range(len(p.items))]
-    remaining = np.cumsum([0] + [int(a[0].min()) for a in arrays[::-1]])[::-1]  # smallest size of items k..
+    top = sum(max(_item_total(p, k, key, resource) for key in p.options[k]) for k in range(len(p.items)))
+    if top >= _INT64_SAFE:
+        raise ValueError(f"the largest configuration has {resource} {top}, too large to count in int64")
+    arrays = [_item_arrays(p, k, resource) for k in range(len(p.items))]
+    remaining = np.cumsum([0] + [int(a[0].min()) for a in arrays[::-1]])[::-1]  # smallest resource of items k..
     state = (np.zeros(1, np.int64), np.zeros(1, np.float64), np.zeros(1, np.int64))
     history = []
     for k, item in enumerate(arrays):
@@ -477,9 +606,9 @@ def _pareto_dp(p: _Problem, limit: int | None) -> tuple[np.ndarray, list[tuple[i
     chosen = np.empty((len(index), len(arrays)), dtype=np.int64)
     for k in range(len(arrays) - 1, -1, -1):
         parent, option = history[k]
-        chosen[:, k] = np.asarray(p.options[k])[option[index]]
+        chosen[:, k] = option[index]
         index = parent[index]
-    return state[0], [tuple(int(b) for b in row) for row in chosen]
+    return state[0], [tuple(p.options[k][j] for k, j in enumerate(row)) for row in chosen.tolist()]
 
 
 def _size_limit(p: _Problem, budget: object) -> int:
@@ -535,52 +664,43 @@ def pareto_frontier(
 # --------------------------------------------------------------------------- ILP (HAWQ-V3)
 
 
-def _ilp_variables(p: _Problem) -> list[tuple[str, int]]:
-    """One binary variable ``x_{i,b}`` per layer and candidate bit width, in layer order."""
-    return [(name, b) for name in p.layers for b in p.omega[name]]
+def _ilp_variables(p: _Problem) -> list[tuple[str, _Key]]:
+    """One binary variable ``x_{i,key}`` per layer and candidate key, in layer order."""
+    return [(name, key) for name in p.layers for key in p.candidates[name]]
 
 
-def _ilp_objective(p: _Problem, variables: list[tuple[str, int]]) -> np.ndarray:
-    r""":math:`\Omega_i(b)` less each layer's minimum, scaled so the largest coefficient is 1e4.
+def _ilp_objective(p: _Problem, variables: list[tuple[str, _Key]]) -> np.ndarray:
+    r""":math:`\Omega_i(\mathrm{key})` less each layer's minimum, scaled so the largest coefficient is 1e4.
 
-    Subtracting a per-layer constant (one :math:`x_{i,b}` is 1 per layer) and scaling leave the
-    argmin unchanged; they keep HiGHS's absolute MIP gap (1e-6) negligible whatever the scale of
-    :math:`\Omega`.
+    Subtracting a per-layer constant (one :math:`x_{i,\mathrm{key}}` is 1 per layer) and scaling
+    leave the argmin unchanged; they keep HiGHS's absolute MIP gap (1e-6) negligible whatever the
+    scale of :math:`\Omega`.
     """
-    c = np.array([p.omega[name][b] - min(p.omega[name].values()) for name, b in variables])
+    floor = {name: min(option.cost for option in p.candidates[name].values()) for name in p.layers}
+    c = np.array([p.candidates[name][key].cost - floor[name] for name, key in variables])
     top = float(c.max())
     return c * (_OBJECTIVE_SCALE / top) if top > 0 else c
 
 
-def _ilp_structure(p: _Problem, variables: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
-    r"""Equality rows: :math:`\sum_b x_{i,b}=1` per layer, :math:`x_{i,b}=x_{j,b}` within each tie group."""
+def _ilp_structure(p: _Problem, variables: list[tuple[str, _Key]]) -> tuple[np.ndarray, np.ndarray]:
+    r"""Equality rows: :math:`\sum_k x_{i,k}=1` per layer, :math:`x_{i,k}=x_{j,k}` within each tie group."""
     index = {v: j for j, v in enumerate(variables)}
     rows = []
     for name in p.layers:
         row = np.zeros(len(variables))
-        row[[index[(name, b)] for b in p.omega[name]]] = 1.0
+        row[[index[(name, key)] for key in p.candidates[name]]] = 1.0
         rows.append((row, 1.0))
     for item in p.items:
         for other in item[1:]:
-            for b in p.omega[item[0]]:
+            for key in p.candidates[item[0]]:
                 row = np.zeros(len(variables))
-                row[index[(item[0], b)]], row[index[(other, b)]] = 1.0, -1.0
+                row[index[(item[0], key)]], row[index[(other, key)]] = 1.0, -1.0
                 rows.append((row, 0.0))
     return np.array([r for r, _ in rows]), np.array([v for _, v in rows])
 
 
-def _layer_quantities(p: _Problem, name: str, b: int) -> dict[str, float]:
-    """Size, BOPs and latency of one layer at ``b`` bits (those whose data were given)."""
-    out = {"size": float(p.sizes[name] * b)}
-    if p.macs is not None:
-        out["bops"] = float(p.macs[name] * b * p.act_bits.get(name, b))
-    if p.latency is not None:
-        out["latency"] = p.latency[name][b]
-    return out
-
-
 def _ilp_budget_rows(
-    p: _Problem, variables: list[tuple[str, int]], budgets: _Budgets
+    p: _Problem, variables: list[tuple[str, _Key]], budgets: _Budgets
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ``<=`` row per given budget.
 
@@ -588,28 +708,39 @@ def _ilp_budget_rows(
     both sides of the integer limit, which the solver's tolerances cannot cross.
     """
     rows, bounds = [], []
-    for key, limit in (("size", budgets.size), ("bops", budgets.bops), ("latency", budgets.latency)):
+    quantities: tuple[tuple[_Quantity, float | None], ...] = (
+        ("size", budgets.size), ("bops", budgets.bops), ("latency", budgets.latency)
+    )
+    for quantity, limit in quantities:
         if limit is None:
             continue
-        rows.append([_layer_quantities(p, name, b)[key] for name, b in variables])
-        bounds.append(limit if key == "latency" else math.floor(limit) + 0.5)
+        rows.append([float(getattr(p.candidates[name][key], quantity)) for name, key in variables])
+        bounds.append(limit if quantity == "latency" else math.floor(limit) + 0.5)
     return np.array(rows).reshape(len(rows), len(variables)), np.array(bounds)
 
 
-def _ilp_bounds(p: _Problem, variables: list[tuple[str, int]]) -> Bounds:
-    """``0 <= x <= 1``; a pinned layer's variable fixed at 1."""
-    pins = {item[0]: opts[0] for item, opts in zip(p.items, p.options) if len(opts) == 1}
-    lower = np.array([1.0 if pins.get(name) == b else 0.0 for name, b in variables])
-    return Bounds(lower, np.ones(len(variables)))
+def _ilp_bounds(p: _Problem, variables: list[tuple[str, _Key]]) -> Bounds:
+    """``0 <= x <= 1``; an item with one allowed key has that variable fixed at 1, else the disallowed at 0."""
+    index = {v: j for j, v in enumerate(variables)}
+    lower, upper = np.zeros(len(variables)), np.ones(len(variables))
+    for item, allowed in zip(p.items, p.options):
+        if len(allowed) == 1:  # the sum-to-one and tie rows set the others
+            lower[index[(item[0], allowed[0])]] = 1.0
+            continue
+        for name in item:
+            for key in p.candidates[name]:
+                if key not in allowed:
+                    upper[index[(name, key)]] = 0.0
+    return Bounds(lower, upper)
 
 
-def _ilp_choice(p: _Problem, variables: list[tuple[str, int]], x: np.ndarray) -> list[int]:
-    """Each item's bit width from the solver's (near-)binary solution."""
-    bits = {}
+def _ilp_choice(p: _Problem, variables: list[tuple[str, _Key]], x: np.ndarray) -> list[_Key]:
+    """Each item's key from the solver's (near-)binary solution."""
+    keys = {}
     for name in p.layers:
-        candidates = [(x[j], b) for j, (n, b) in enumerate(variables) if n == name]
-        bits[name] = max(candidates)[1]
-    return [bits[item[0]] for item in p.items]
+        candidates = [(x[j], key) for j, (n, key) in enumerate(variables) if n == name]
+        keys[name] = max(candidates)[1]
+    return [keys[item[0]] for item in p.items]
 
 
 def _satisfies(a: Allocation, budgets: _Budgets, latency_tol: float = 0.0) -> bool:
@@ -623,6 +754,32 @@ def _satisfies(a: Allocation, budgets: _Budgets, latency_tol: float = 0.0) -> bo
         if a.latency is None or a.latency > budgets.latency + slack:
             return False
     return True
+
+
+def _solve_ilp(p: _Problem, budgets: _Budgets) -> Allocation:
+    """The ILP over every layer's options under ``budgets``, solved by HiGHS to a zero relative gap."""
+    _require_each_feasible(p, budgets)
+    variables = _ilp_variables(p)
+    eq_rows, eq_values = _ilp_structure(p, variables)
+    le_rows, le_bounds = _ilp_budget_rows(p, variables, budgets)
+    constraints = [LinearConstraint(eq_rows, eq_values, eq_values)]
+    if len(le_rows):
+        constraints.append(LinearConstraint(le_rows, -np.inf, le_bounds))
+    result = milp(
+        _ilp_objective(p, variables),
+        integrality=np.ones(len(variables)),
+        bounds=_ilp_bounds(p, variables),
+        constraints=constraints,
+        options={"mip_rel_gap": 0.0},
+    )
+    if result.status == 2:
+        raise _jointly_infeasible(p, budgets)
+    if result.x is None or result.status != 0:
+        raise RuntimeError(f"scipy.optimize.milp failed (status {result.status}): {result.message}")
+    found = _allocation(p, _ilp_choice(p, variables, result.x), "milp")
+    if not _satisfies(found, budgets, latency_tol=1e-9):
+        raise RuntimeError(f"scipy.optimize.milp returned a configuration that breaks a budget: {found}")
+    return found
 
 
 def allocate_bits_ilp(
@@ -652,43 +809,32 @@ def allocate_bits_ilp(
     constrained quantity, and when a budget comes without the data it needs.
     """
     p = _validate(sensitivity, sizes, pinned=pinned, tied=tied, macs=macs, act_bits=act_bits, latency=latency)
-    budgets = _check_budgets(p, size_budget_bits, bops_budget, latency_budget)
-    _require_each_feasible(p, budgets)
-    variables = _ilp_variables(p)
-    eq_rows, eq_values = _ilp_structure(p, variables)
-    le_rows, le_bounds = _ilp_budget_rows(p, variables, budgets)
-    constraints = [LinearConstraint(eq_rows, eq_values, eq_values)]
-    if len(le_rows):
-        constraints.append(LinearConstraint(le_rows, -np.inf, le_bounds))
-    result = milp(
-        _ilp_objective(p, variables),
-        integrality=np.ones(len(variables)),
-        bounds=_ilp_bounds(p, variables),
-        constraints=constraints,
-        options={"mip_rel_gap": 0.0},
-    )
-    if result.status == 2:
-        raise _jointly_infeasible(p, budgets)
-    if result.x is None or result.status != 0:
-        raise RuntimeError(f"scipy.optimize.milp failed (status {result.status}): {result.message}")
-    found = _allocation(p, _ilp_choice(p, variables, result.x), "milp")
-    if not _satisfies(found, budgets, latency_tol=1e-9):
-        raise RuntimeError(f"scipy.optimize.milp returned a configuration that breaks a budget: {found}")
-    return found
+    return _solve_ilp(p, _check_budgets(p, size_budget_bits, bops_budget, latency_budget))
 
 
 # --------------------------------------------------------------------------- enumeration
 
 
 def _enumerate(p: _Problem) -> list[Allocation]:
-    """Every configuration of the items, lexicographic in the bits (ValueError above the cap)."""
+    """Every configuration of the items, lexicographic in the keys (ValueError above the cap)."""
     count = math.prod(len(opts) for opts in p.options)
     if count > MAX_CONFIGURATIONS:
-        raise ValueError(
-            f"{count} configurations is more than the {MAX_CONFIGURATIONS} that are enumerated; "
-            "use allocate_bits or allocate_bits_ilp"
-        )
+        advice = "use allocate_joint" if p.joint else "use allocate_bits or allocate_bits_ilp"
+        raise ValueError(f"{count} configurations is more than the {MAX_CONFIGURATIONS} that are enumerated; {advice}")
     return [_allocation(p, choice, "brute-force") for choice in itertools.product(*p.options)]
+
+
+def _brute_force(p: _Problem, budgets: _Budgets) -> Allocation:
+    """The best configuration meeting ``budgets``: least cost, then size, then (joint) BOPs, then keys."""
+    _require_each_feasible(p, budgets)
+    feasible = [a for a in _enumerate(p) if _satisfies(a, budgets)]
+    if not feasible:
+        raise _jointly_infeasible(p, budgets)
+
+    def preference(a: Allocation) -> tuple[float, int, float]:
+        return a.sensitivity, a.size_bits, a.bops if p.joint and a.bops is not None else 0.0
+
+    return min(feasible, key=preference)  # min keeps the first: lexicographic
 
 
 def enumerate_configurations(
@@ -730,12 +876,135 @@ def brute_force(
     :func:`allocate_bits_ilp`, and ValueError above one million configurations.
     """
     p = _validate(sensitivity, sizes, pinned=pinned, tied=tied, macs=macs, act_bits=act_bits, latency=latency)
-    budgets = _check_budgets(p, size_budget_bits, bops_budget, latency_budget)
-    _require_each_feasible(p, budgets)
-    feasible = [a for a in _enumerate(p) if _satisfies(a, budgets)]
-    if not feasible:
-        raise _jointly_infeasible(p, budgets)
-    return min(feasible, key=lambda a: (a.sensitivity, a.size_bits))  # min keeps the first: lexicographic
+    return _brute_force(p, _check_budgets(p, size_budget_bits, bops_budget, latency_budget))
+
+
+# --------------------------------------------------------------------------- joint weight + activation allocation
+
+
+def allocate_joint(
+    weight_sensitivity: SensitivityTable,
+    act_sensitivity: SensitivityTable,
+    sizes: Mapping[str, int],
+    macs: Mapping[str, int] | None,
+    *,
+    size_budget_bits: float | None = None,
+    bops_budget: float | None = None,
+    pinned: Mapping[str, int] | None = None,
+    act_pinned: Mapping[str, int] | None = None,
+    tied: Sequence[Sequence[str]] | None = None,
+    act_bits: int | Mapping[str, int] | None = None,
+) -> Allocation:
+    r"""Joint weight and activation bit allocation: HAWQ-V2's activation term inside HAWQ-V3's ILP.
+
+    Binary :math:`x_{i,w,a}` with :math:`\sum_{w,a}x_{i,w,a}=1` per layer; minimise
+    :math:`\sum_{i,w,a}(\Omega^W_i(w)+\Omega^A_i(a))\,x_{i,w,a}` subject to, for each budget given,
+    :math:`\sum n_i w\,x_{i,w,a}\le S` and :math:`\sum\mathrm{MACs}_i\,w\,a\,x_{i,w,a}\le G`; tied
+    layers :math:`x_{i,w,a}=x_{j,w,a}`; pins fix their half of the pair. Solved exactly by
+    ``scipy.optimize.milp`` to a zero relative gap; the result has ``act_bits`` set. When several
+    configurations share the optimal cost the ILP returns one of them, which need not be the one
+    :func:`brute_force_joint`'s tie-breaking picks; with a unique optimum they agree exactly.
+
+    ``weight_sensitivity`` and ``act_sensitivity`` are per-layer ``{bits: Omega}`` tables with the
+    same layer names (each layer's candidates are the pairs of their bit widths); ``sizes`` the
+    weights per layer, ``macs`` the MACs per layer (None: no BOPs, and no BOPs budget). ``pinned``
+    fixes weight bits, ``act_pinned`` activation bits (each a candidate of its table); ``act_bits``
+    fixes every layer's activations (one int, or a dict naming every layer; where ``act_pinned``
+    names a layer too they must agree). Tied layers share the weight bits *and* the activation bits
+    (both candidate sets must agree within a group).
+
+    Raises ValueError on infeasible budgets (stating the smallest achievable size / BOPs), on a BOPs
+    budget without ``macs`` and on bad input.
+    """
+    p = _validate_joint(
+        weight_sensitivity, act_sensitivity, sizes, macs, pinned=pinned, act_pinned=act_pinned, tied=tied,
+        act_bits=act_bits,
+    )
+    return _solve_ilp(p, _check_budgets(p, size_budget_bits, bops_budget, None))
+
+
+def brute_force_joint(
+    weight_sensitivity: SensitivityTable,
+    act_sensitivity: SensitivityTable,
+    sizes: Mapping[str, int],
+    macs: Mapping[str, int] | None,
+    *,
+    size_budget_bits: float | None = None,
+    bops_budget: float | None = None,
+    pinned: Mapping[str, int] | None = None,
+    act_pinned: Mapping[str, int] | None = None,
+    tied: Sequence[Sequence[str]] | None = None,
+    act_bits: int | Mapping[str, int] | None = None,
+) -> Allocation:
+    r"""The best joint configuration by enumerating all of them: the oracle for :func:`allocate_joint`.
+
+    Minimises :math:`\sum_i\Omega^W_i(w_i)+\Omega^A_i(a_i)` over every configuration meeting every
+    given budget; among equal costs the smaller size, then the smaller BOPs, then the
+    lexicographically smallest (weight, activation) pairs in layer order. Same arguments and errors
+    as :func:`allocate_joint`, and ValueError above one million configurations.
+    """
+    p = _validate_joint(
+        weight_sensitivity, act_sensitivity, sizes, macs, pinned=pinned, act_pinned=act_pinned, tied=tied,
+        act_bits=act_bits,
+    )
+    return _brute_force(p, _check_budgets(p, size_budget_bits, bops_budget, None))
+
+
+def enumerate_joint(
+    weight_sensitivity: SensitivityTable,
+    act_sensitivity: SensitivityTable,
+    sizes: Mapping[str, int],
+    macs: Mapping[str, int] | None,
+    *,
+    pinned: Mapping[str, int] | None = None,
+    act_pinned: Mapping[str, int] | None = None,
+    tied: Sequence[Sequence[str]] | None = None,
+    act_bits: int | Mapping[str, int] | None = None,
+) -> list[Allocation]:
+    r"""Every joint configuration allowed by the pins and ties, lexicographic in the (weight, activation) pairs.
+
+    Refuses (ValueError) more than one million configurations.
+    """
+    p = _validate_joint(
+        weight_sensitivity, act_sensitivity, sizes, macs, pinned=pinned, act_pinned=act_pinned, tied=tied,
+        act_bits=act_bits,
+    )
+    return _enumerate(p)
+
+
+def joint_frontier(
+    weight_sensitivity: SensitivityTable,
+    act_sensitivity: SensitivityTable,
+    sizes: Mapping[str, int],
+    macs: Mapping[str, int] | None,
+    *,
+    resource: str = "bops",
+    act_bits: int | Mapping[str, int] | None = None,
+    pinned: Mapping[str, int] | None = None,
+    act_pinned: Mapping[str, int] | None = None,
+    tied: Sequence[Sequence[str]] | None = None,
+) -> list[Allocation]:
+    r"""Every non-dominated (``resource``, :math:`\sum\Omega`) joint configuration, by increasing resource.
+
+    ``resource`` is ``"bops"`` (:math:`\sum_i\mathrm{MACs}_i w_i a_i`, needs ``macs``) or ``"size"``
+    (:math:`\sum_i n_i w_i`). With ``act_bits`` (e.g. ``8``) the activations are fixed: the
+    weight-only mixed-precision curve at those activations; without, they vary with the weights:
+    the weight+activation curve, never above the fixed one at equal BOPs when the fixed bits are
+    candidates. Exact Pareto DP over layers (the resource is additive given each layer's pair), as
+    :func:`pareto_frontier`: the resource strictly increases and :math:`\sum\Omega` strictly
+    decreases along the list, and of the configurations at one point the lexicographically smallest
+    is listed. Other arguments as :func:`allocate_joint`.
+    """
+    if resource not in ("size", "bops"):
+        raise ValueError(f"resource must be 'size' or 'bops', got {resource!r}")
+    p = _validate_joint(
+        weight_sensitivity, act_sensitivity, sizes, macs, pinned=pinned, act_pinned=act_pinned, tied=tied,
+        act_bits=act_bits,
+    )
+    if resource == "bops" and not p.has_bops:
+        raise ValueError("resource='bops' needs macs (the MACs of every layer)")
+    _, choices = _pareto_dp(p, None, "bops" if resource == "bops" else "size")
+    return [_allocation(p, choice, "dp") for choice in choices]
 
 
 # --------------------------------------------------------------------------- budgets
