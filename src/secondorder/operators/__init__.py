@@ -1,5 +1,6 @@
 """Curvature operators: the one abstraction every algorithm multiplies with."""
 
+from secondorder.operators.activations import ActivationHessianOperator
 from secondorder.operators.base import (
     Block,
     CongruenceOperator,
@@ -16,6 +17,7 @@ from secondorder.operators.mfac import MFACInverse, MFACOperator
 from secondorder.operators.risk import EmpiricalRisk, NonFiniteError
 
 __all__ = [
+    "ActivationHessianOperator",
     "Block",
     "CongruenceOperator",
     "CurvatureOperator",

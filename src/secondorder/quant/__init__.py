@@ -4,11 +4,13 @@
   channel or group), asymmetric activation quantization with running ranges, fake quantization
   with a straight-through gradient, and wrappers for any layer holding a weight;
 * :mod:`~secondorder.quant.sensitivity`: per-layer traces and top eigenvalues from the curvature
-  core, and the HAWQ-V1/V2 and Q-BERT sensitivities built from them;
+  core, and the HAWQ-V1/V2 and Q-BERT sensitivities built from them; HAWQ-V2's activation
+  sensitivities from the Hessian w.r.t. each layer's input activation;
 * :mod:`~secondorder.quant.allocation`: exact bit allocation (multiple-choice knapsack by a Pareto
   dynamic programme; HAWQ-V3's integer linear programme under size, BOPs and latency budgets;
-  a brute-force oracle);
-* :mod:`~secondorder.quant.qat`: post-training quantization and quantization-aware fine-tuning;
+  joint weight + activation allocation and its BOPs frontier; a brute-force oracle);
+* :mod:`~secondorder.quant.qat`: post-training quantization (with activation calibration) and
+  quantization-aware fine-tuning;
 * :mod:`~secondorder.quant.gptq`: second-order post-training rounding (GPTQ) from layer Hessians.
 """
 
@@ -16,9 +18,13 @@ from secondorder.quant.allocation import (
     Allocation,
     allocate_bits,
     allocate_bits_ilp,
+    allocate_joint,
     brute_force,
+    brute_force_joint,
     enumerate_configurations,
+    enumerate_joint,
     interpolated_budget,
+    joint_frontier,
     pareto_frontier,
     uniform_cost,
 )
@@ -31,7 +37,7 @@ from secondorder.quant.gptq import (
     layer_hessians,
 )
 from secondorder.quant.macs import layer_macs
-from secondorder.quant.qat import finetune, quantize
+from secondorder.quant.qat import calibrate, finetune, quantize
 from secondorder.quant.quantizers import (
     ActivationQuantizer,
     QuantizedLayer,
@@ -42,8 +48,11 @@ from secondorder.quant.quantizers import (
     wrap_layers,
 )
 from secondorder.quant.sensitivity import (
+    ActivationSensitivities,
+    ActivationSensitivity,
     LayerSensitivity,
     Sensitivities,
+    activation_sensitivities,
     hawq_v1,
     hawq_v2,
     layer_sensitivities,
@@ -52,6 +61,8 @@ from secondorder.quant.sensitivity import (
 
 __all__ = [
     "ActivationQuantizer",
+    "ActivationSensitivities",
+    "ActivationSensitivity",
     "Allocation",
     "GPTQLayerResult",
     "GPTQResult",
@@ -59,10 +70,15 @@ __all__ = [
     "LayerSensitivity",
     "QuantizedLayer",
     "Sensitivities",
+    "activation_sensitivities",
     "allocate_bits",
     "allocate_bits_ilp",
+    "allocate_joint",
     "brute_force",
+    "brute_force_joint",
+    "calibrate",
     "enumerate_configurations",
+    "enumerate_joint",
     "fake_quantize",
     "finetune",
     "gptq_quantize",
@@ -70,6 +86,7 @@ __all__ = [
     "hawq_v1",
     "hawq_v2",
     "interpolated_budget",
+    "joint_frontier",
     "layer_hessians",
     "layer_macs",
     "layer_sensitivities",

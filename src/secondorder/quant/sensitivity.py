@@ -16,23 +16,36 @@ For a layer :math:`i` with weights :math:`W_i` (:math:`n_i` entries), diagonal H
 All layers' traces come from one set of Hutch++ probes on the operator restricted to the layers'
 weights (its diagonal blocks are exactly the :math:`H_i`); the top eigenvalues from Lanczos on
 each block.
+
+Activations (HAWQ-V2): for the input activation :math:`a_i` of layer :math:`i` (:math:`n_{a_i}`
+entries per sample), :math:`\Omega^{act}_i(b) = \frac{\mathrm{Tr}(\nabla^2_{a_i}L)}{n_{a_i}}\,\|Q_b(a_i)-a_i\|^2`
+with the trace and the error averaged over samples (:func:`activation_sensitivities`; the
+per-batch Hessian is :class:`~secondorder.operators.activations.ActivationHessianOperator`, whose
+trace is the mean per-sample trace) and :math:`Q_b` the per-tensor asymmetric
+:class:`~secondorder.quant.quantizers.ActivationQuantizer` over the range calibrated on the data.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sized
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, cast
+from typing import Any, Callable, Mapping, Protocol, Sequence, cast
 
 from torch import Tensor, nn
 
 from secondorder import validation
-from secondorder.data import as_batches
+from secondorder.data import as_batches, seeded_batches, untouched
 from secondorder.linalg import block_eigenvalues, trace
+from secondorder.operators.activations import ActivationHessianOperator, model_device
 from secondorder.operators.curvature import HessianOperator
-from secondorder.quant.quantizers import quantizable_layers, quantization_error
+from secondorder.quant.qat import _each_layer_input, _observe_ranges
+from secondorder.quant.quantizers import ActivationQuantizer, quantizable_layers, quantization_error
 
-__all__ = ["LayerSensitivity", "Sensitivities", "hawq_v1", "hawq_v2", "layer_sensitivities", "qbert"]
+__all__ = [
+    "ActivationSensitivities", "ActivationSensitivity", "LayerSensitivity", "Sensitivities", "activation_sensitivities",
+    "TraceEstimate", "hawq_v1", "hawq_v2", "layer_sensitivities", "omega_from_traces", "qbert",
+]
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,7 @@ class Sensitivities:
 
     def hawq_v2(self) -> dict[str, dict[int, float]]:
         """``Omega_i(b) = Tr(H_i) / n_i * ||Q_b(W_i) - W_i||^2`` (HAWQ-V2/V3)."""
-        return {x.name: {b: x.trace / x.size * e for b, e in x.errors.items()} for x in self.layers}
+        return omega_from_traces(self.layers)
 
     def hawq_v1(self) -> dict[str, float]:
         """HAWQ-V1's ordering score ``lambda_max(H_i) / n_i`` (larger: more bits)."""
@@ -73,6 +86,73 @@ class Sensitivities:
     def unweighted(self) -> dict[str, dict[int, float]]:
         """``||Q_b(W_i) - W_i||^2`` alone: the curvature-blind baseline."""
         return {x.name: dict(x.errors) for x in self.layers}
+
+
+@dataclass(frozen=True)
+class ActivationSensitivity:
+    r"""One layer's input-activation curvature, calibrated range and quantization errors.
+
+    ``size`` is the number of activation entries per sample, ``trace`` (and its ``trace_stderr``)
+    the mean per-sample :math:`\mathrm{Tr}(\nabla^2_a L)`, ``[low, high]`` the range calibrated on the
+    data (global min and max widened to contain 0, as an ActivationQuantizer with ``momentum=-1``
+    stores it) and ``errors[b]`` the mean per-sample :math:`\|Q_b(a) - a\|^2` over that range.
+    """
+
+    name: str
+    size: int
+    trace: float
+    trace_stderr: float
+    low: float
+    high: float
+    errors: dict[int, float]
+
+
+@dataclass(frozen=True)
+class ActivationSensitivities:
+    """Per-layer activation sensitivities (HAWQ-V2); ``num_matvecs`` counts the products over all batches."""
+
+    layers: tuple[ActivationSensitivity, ...]
+    num_matvecs: int
+
+    def sizes(self) -> dict[str, int]:
+        """Activation entries per sample, per layer."""
+        return {x.name: x.size for x in self.layers}
+
+    def hawq_v2(self) -> dict[str, dict[int, float]]:
+        """``Omega_act_i(b) = Tr(H_a_i) / n_a_i * ||Q_b(a_i) - a_i||^2`` (per-sample means)."""
+        return omega_from_traces(self.layers)
+
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """The calibrated ``(low, high)`` range of each layer's input activation."""
+        return {x.name: (x.low, x.high) for x in self.layers}
+
+
+class TraceEstimate(Protocol):
+    """What Omega needs of a sensitivity (a layer's weights or its input activation): a trace with its error bar."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def trace(self) -> float: ...
+    @property
+    def trace_stderr(self) -> float: ...
+    @property
+    def errors(self) -> dict[int, float]: ...
+
+
+def omega_from_traces(
+    entries: Sequence[TraceEstimate], traces: Mapping[str, float] | None = None,
+) -> dict[str, dict[int, float]]:
+    r"""HAWQ-V2's :math:`\Omega_i(b) = T_i / n_i \cdot e_i(b)` for weights or activations.
+
+    :math:`T_i` is each entry's estimated trace, or ``traces[name]`` when given (a confidence
+    bound, a redraw: see :mod:`~secondorder.quant.uncertainty`); :math:`n_i` its size and
+    :math:`e_i(b)` its quantization error at ``b`` bits.
+    """
+    values = {x.name: x.trace for x in entries} if traces is None else traces
+    return {x.name: {b: values[x.name] / x.size * e for b, e in x.errors.items()} for x in entries}
 
 
 def _weights(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
@@ -138,6 +218,95 @@ def layer_sensitivities(
         out.append(LayerSensitivity(name, w.numel(), block.value, block.stderr, float(top.eigenvalues[0]),
                                     float(top.residuals[0]), errors))
     return Sensitivities(tuple(out), op.num_matvecs)
+
+
+def activation_sensitivities(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Any,
+    *,
+    bits: Sequence[int] = (2, 3, 4, 8),
+    layers: Sequence[str] | None = None,
+    trace_matvecs: int = 90,
+    method: str = "hutch++",
+    seed: int = 0,
+    progress: bool = False,
+) -> ActivationSensitivities:
+    """HAWQ-V2's activation sensitivities: per layer, the mean per-sample trace of the Hessian w.r.t.
+    its input activation, the activation's calibrated range and its quantization error at each of ``bits``.
+
+    Three passes over ``data`` (one ``(inputs, targets)`` batch or a re-iterable of them):
+
+    1. per batch ``k``, an :class:`~secondorder.operators.activations.ActivationHessianOperator`
+       (dropout seed ``seed + k``) and :func:`~secondorder.linalg.trace` on it with ``trace_matvecs``
+       products (``method``, probes seeded ``seed + k``, one probe set for all layers); the
+       per-block traces are combined weighted by batch size, ``sum_k w_k t_k`` with standard error
+       ``sqrt(sum_k w_k^2 se_k^2)``, ``w_k = B_k / N``;
+    2. the range: min and max of each layer's input over all the data, widened to contain 0, exactly
+       as :func:`~secondorder.quant.calibrate` sets it (the same pass and numbers);
+    3. the errors: each batch's activation quantized by an
+       :class:`~secondorder.quant.quantizers.ActivationQuantizer` holding that range (eval mode),
+       ``||Q_b(a) - a||^2`` summed and divided by the number of samples.
+
+    ``layers`` names quantizable layers (default: all, see :func:`quantizable_layers`); each must
+    run exactly once per forward, on a floating-point input. The model is used as it is (its mode,
+    and any quantizers in it) and left as it was: modes, parameters and ``.grad``, buffers and the
+    global RNG. Passes 2 and 3 seed batch ``k``'s RNG with ``k``, so with ``seed=0`` a train-mode
+    dropout draws the same masks in all three; the activation sensitivities of a model are usually
+    wanted in eval mode, where the per-sample trace is exact (train-mode BatchNorm couples the samples).
+    """
+    bits = _bit_widths(bits)
+    seed = validation.seed(seed)
+    names = [n for n, _ in _weights(model, layers)]
+    batches = as_batches(data)
+    device = model_device(model)
+    from tqdm import tqdm
+
+    per_batch: list[tuple[int, dict[str, tuple[float, float]]]] = []
+    sizes: dict[str, int] = {}
+    num_matvecs = 0
+    with untouched(model, device):  # the same batch order as passes 2 and 3, for a shuffling DataLoader
+        for k, batch in tqdm(seeded_batches(batches, 0, device), desc="activation traces", unit="batch", leave=False,
+                             total=len(batches) if isinstance(batches, Sized) else None, disable=not progress):
+            op = ActivationHessianOperator(model, loss_fn, batch, names, seed=seed + k)
+            tr = trace(op, trace_matvecs, method=method, seed=seed + k)
+            num_matvecs += tr.num_matvecs
+            for block in op.blocks:
+                size, rest = divmod(block.size, op.batch_size)
+                if rest or sizes.setdefault(block.name, size) != size:
+                    raise ValueError(f"layer {block.name!r}'s input in batch {k} has {block.size} entries for "
+                                     f"{op.batch_size} samples ({op.activation_shapes[block.name]}), not "
+                                     f"{sizes.get(block.name, 'a whole number of')} per sample; activation "
+                                     "sensitivities need the same number of entries per sample in every batch")
+            per_batch.append((op.batch_size, {b.name: (b.value, b.stderr) for b in tr.blocks}))
+    if not per_batch:
+        raise ValueError("data yielded no batches; pass at least one non-empty batch")
+    total = sum(n for n, _ in per_batch)
+
+    observers = {n: ActivationQuantizer(None, momentum=-1).to(device=device) for n in names}
+    _observe_ranges(model, batches, observers, progress)
+    quantizers = {n: {b: _holding_range(observers[n], b) for b in bits} for n in names}
+    sums = {n: dict.fromkeys(bits, 0.0) for n in names}
+
+    def add_errors(name: str, x: Tensor) -> None:
+        for b, q in quantizers[name].items():
+            sums[name][b] += float((q(x) - x).square().sum())
+
+    count = _each_layer_input(model, batches, names, add_errors, progress, "activation errors")
+    out = []
+    for n in names:
+        value = sum(m / total * t[n][0] for m, t in per_batch)
+        stderr = sum((m / total * t[n][1]) ** 2 for m, t in per_batch) ** 0.5
+        out.append(ActivationSensitivity(n, sizes[n], value, stderr, float(observers[n].running_min),
+                                         float(observers[n].running_max), {b: e / count for b, e in sums[n].items()}))
+    return ActivationSensitivities(tuple(out), num_matvecs)
+
+
+def _holding_range(observer: ActivationQuantizer, bits: int) -> ActivationQuantizer:
+    """An eval-mode ActivationQuantizer at ``bits`` holding ``observer``'s range: the quantizer a calibrated model runs."""
+    q = ActivationQuantizer(bits, momentum=-1).to(device=observer.running_min.device, dtype=observer.running_min.dtype)
+    q.load_state_dict(observer.state_dict())
+    return q.eval()
 
 
 def qbert(
