@@ -127,3 +127,27 @@ def seed_global_rng(value: int, device: torch.device) -> None:
     torch.default_generator.manual_seed(value)
     if device.type == "cuda":
         torch.cuda.default_generators[device.index or 0].manual_seed(value)
+
+
+def evaluate(model: nn.Module, loss_fn: Callable, data: Any, device: torch.device | None = None) -> dict:
+    """Mean loss and, for class-index targets and ``[N, C]`` outputs, accuracy over ``data``.
+
+    No gradient; the model's mode is kept (run it as it is). ``device`` defaults to the model's.
+    ``accuracy`` is None when the outputs or targets are not a classification's.
+    """
+    if device is None:
+        device = next(iter(model.parameters())).device
+    total = correct = count = 0.0
+    classify = True
+    with torch.no_grad():
+        for inputs, targets in as_batches(data):
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            out = call_model(model, inputs)
+            n = len(targets)
+            total += float(loss_fn(out, targets)) * n
+            count += n
+            if classify and out.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point():
+                correct += float((out.argmax(-1) == targets).sum())
+            else:
+                classify = False
+    return {"loss": total / count, "accuracy": correct / count if classify else None}

@@ -36,7 +36,7 @@ from secondorder.cli.common import (
     user_input,
     wants_own_model,
 )
-from secondorder.cli.quantize import evaluate
+from secondorder.data import evaluate
 from secondorder.environment import describe
 from secondorder.prune import METHODS, finetune, prunable_parameters, prune
 

@@ -11,7 +11,11 @@
   joint weight + activation allocation and its BOPs frontier; a brute-force oracle);
 * :mod:`~secondorder.quant.qat`: post-training quantization (with activation calibration) and
   quantization-aware fine-tuning;
-* :mod:`~secondorder.quant.gptq`: second-order post-training rounding (GPTQ) from layer Hessians.
+* :mod:`~secondorder.quant.gptq`: second-order post-training rounding (GPTQ) from layer Hessians;
+* :mod:`~secondorder.quant.dependencies`: measured inter-layer dependencies and a bisection on a
+  global threshold inside an accuracy window (Schaefer et al. 2023);
+* :mod:`~secondorder.quant.uncertainty`: allocation at the traces' confidence bounds, win
+  probabilities, and the stability of a choice under redrawn traces.
 """
 
 from secondorder.quant.allocation import (
@@ -27,6 +31,14 @@ from secondorder.quant.allocation import (
     joint_frontier,
     pareto_frontier,
     uniform_cost,
+)
+from secondorder.quant.dependencies import (
+    BisectionResult,
+    Dependencies,
+    bisection_search,
+    calibration_damage,
+    measure_dependencies,
+    threshold_path,
 )
 from secondorder.quant.gptq import (
     GPTQLayerResult,
@@ -56,10 +68,30 @@ from secondorder.quant.sensitivity import (
     hawq_v1,
     hawq_v2,
     layer_sensitivities,
+    omega_from_traces,
     qbert,
+)
+from secondorder.quant.uncertainty import (
+    Stability,
+    beats_probability,
+    confidence_omega,
+    parametric_stability,
+    redraw_stability,
 )
 
 __all__ = [
+    "BisectionResult",
+    "Dependencies",
+    "Stability",
+    "beats_probability",
+    "bisection_search",
+    "calibration_damage",
+    "confidence_omega",
+    "measure_dependencies",
+    "omega_from_traces",
+    "parametric_stability",
+    "redraw_stability",
+    "threshold_path",
     "ActivationQuantizer",
     "ActivationSensitivities",
     "ActivationSensitivity",
