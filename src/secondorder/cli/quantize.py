@@ -477,7 +477,7 @@ def _plots(tmp, omega, sens, allocation, frontier, curves, extra) -> None:
             ax.plot([b], [sum(o[b] for o in omega.values())], "s", label=f"uniform {b}-bit")
     ax.plot([allocation.average_bits], [sum(omega[n][b] for n, b in allocation.bits.items())], "r*", ms=14,
             label="chosen")
-    ax.set_yscale("symlog", linthresh=1e-12)
+    _yscale(ax, [a.sensitivity for a in frontier])
     ax.set_xlabel("average bits per weight")
     ax.set_ylabel("ΣΩ (weights)")
     ax.legend(fontsize=8)
@@ -501,6 +501,14 @@ def _plots(tmp, omega, sens, allocation, frontier, curves, extra) -> None:
     plt.close(fig)
 
 
+def _yscale(ax, values: list[float]) -> None:
+    """Log scale for positive ΣΩ; symmetric log (linear below the smallest magnitude) when some are <= 0."""
+    if all(v > 0 for v in values):
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=min((abs(v) for v in values if v), default=1.0))
+
+
 def _frontier_plot(tmp, curves, allocation, extra) -> None:
     import matplotlib.pyplot as plt
 
@@ -514,7 +522,7 @@ def _frontier_plot(tmp, curves, allocation, extra) -> None:
     if extra.get("BOPs budget") is not None:
         ax.axvline(extra["BOPs budget"], color="grey", ls="--", lw=1, label="BOPs budget")
     ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1e-12)
+    _yscale(ax, [a.sensitivity for points in curves.values() for a in points])
     ax.set_xlabel("BOPs per sample (MACs × weight bits × activation bits)")
     ax.set_ylabel("ΣΩ (weights + activations)")
     ax.legend(fontsize=7)
