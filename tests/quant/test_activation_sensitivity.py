@@ -173,3 +173,22 @@ def test_quantize_with_calibration_runs_in_eval_mode():
     plain = quantize(model, {"0": 4, "3": 4}, act_bits={"0": 4, "3": 4})  # no calibration: as before
     with pytest.raises(RuntimeError, match="no range yet"):
         plain(X)
+
+
+def test_calibration_data_the_model_rejects_is_one_error_and_the_model_untouched():
+    from secondorder.quant import measure_dependencies
+
+    model, data, _ = mlp_problem()
+    later_bad = [*data, (torch.randn(5, 7, dtype=torch.float64), torch.zeros(5, dtype=torch.long))]  # 7 features
+    snap = _snapshot(model)
+    for run in (lambda: activation_sensitivities(model, F.cross_entropy, later_bad, trace_matvecs=6),
+                lambda: measure_dependencies(model, F.cross_entropy, later_bad, bits=(2, 4))):
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            run()
+        _assert_untouched(model, snap)
+    qmodel = quantize(model, {"0": 4}, act_bits={"0": 4})
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        calibrate(qmodel, later_bad)
+    assert all(torch.equal(v, before[k]) for k, v in qmodel.state_dict().items())  # no half-set range
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in qmodel.modules())
