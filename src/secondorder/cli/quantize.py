@@ -76,8 +76,8 @@ activations: with --activations every layer's input activation gets its own bit 
 Omega_act = Tr(d2L/da2)/n_a * ||Q(a) - a||^2 (per-sample mean trace, Hutch++ on the same data), and the
 ILP minimises the weights' plus the activations' Omega under the size budget and the BOPs budget
 (MACs * weight bits * activation bits, interpolated between all-lowest and all-highest pairs).
-The report compares weight-only mixed precision (activations uniform, at the highest width that
-fits the same BOPs budget) at equal BOPs.
+The report compares weight-only mixed precision at the same budgets (activations uniform, at the
+candidate width whose best weight allocation has the smallest ΣΩ).
 dependencies: --max-drop D measures each layer's damage alone and each pair's together on the
 sensitivity data, orders the layers by damage per bit saved, and bisects on a global threshold
 for the cheapest configuration inside the window; the pure-Hessian (Omega) order is bisected too.
@@ -266,13 +266,16 @@ def _solver(sizes, macs, pins, ties, size_limit, bops, joint: bool):
 
 
 def _weight_only(solve, tables, sizes, act_bits) -> tuple[int, Allocation] | None:
-    """Weight-only mixed precision at the same budgets: activations uniform at the highest width that fits."""
-    for a in sorted(act_bits, reverse=True):
+    """Weight-only mixed precision at the same budgets: activations uniform, at the width whose best
+    weight allocation has the smallest ΣΩ (None when no uniform width fits the budgets).
+    """
+    found = []
+    for a in act_bits:
         try:
-            return a, solve(*tables, act_pinned=dict.fromkeys(sizes, a))
+            found.append((a, solve(*tables, act_pinned=dict.fromkeys(sizes, a))))
         except ValueError:
             continue
-    return None
+    return min(found, key=lambda pair: (pair[1].sensitivity, -pair[0]), default=None)
 
 
 def _entries(sens, acts) -> list:
