@@ -18,6 +18,7 @@ from secondorder.quant import (
     interpolated_budget,
     layer_macs,
     layer_sensitivities,
+    measure_dependencies,
     quantize,
     uniform_cost,
 )
@@ -110,6 +111,8 @@ def test_max_drop_bisects_inside_the_window(project, capsys):
     printed = json.loads(capsys.readouterr().out)
     b = printed["bisection"]
     assert b["metric"] == "accuracy" and b["max_drop"] == 0.05 and b["pairs"] == [["0", "2"]]
+    deps = measure_dependencies(clinets.make_net(), F.cross_entropy, clinets.batches(), bits=(2, 3, 8), pairs="all")
+    assert b["dependency_metric"] == "loss" and b["single"] == {k: {str(w): d for w, d in v.items()} for k, v in deps.single.items()}
     chosen = b["searches"]["dependencies"]
     assert printed["allocation"]["bits"] == chosen["bits"] and printed["allocation"]["solver"] == "bisection"
     full = evaluate(clinets.make_net(), F.cross_entropy, clinets.batches())["accuracy"]
