@@ -40,3 +40,40 @@ def write_markdown(lines: list[str], out: str):
     md.write_text("\n".join(lines))
     print("\n".join(lines))
     return png, plt
+
+
+def ms(xs, scale: float = 1.0, fmt: str = ".2f") -> str:
+    """``mean ± std`` of ``xs`` times ``scale`` (sample std over seeds; 0 for one value)."""
+    import statistics
+
+    xs = [x * scale for x in xs]
+    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):{fmt}} ± {s:{fmt}}"
+
+
+QUANT_MODELS = {"mnist1d": "MNIST-1D CNN", "transformer": "digit transformer"}
+
+
+def load_quant_data(kinds) -> dict:
+    """The fixed data of each network in ``kinds`` (None for the others): MNIST-1D and the digit tokens."""
+    from secondorder.datasets import load_digit_tokens, load_mnist1d
+
+    loaders = {"mnist1d": load_mnist1d, "transformer": load_digit_tokens}
+    return {kind: loader() if kind in kinds else None for kind, loader in loaders.items()}
+
+
+def train_quant_model(kind: str, seed: int, data, calibration: int | None = None):
+    """One trained network of the quantization experiments and its calibration batches.
+
+    ``kind`` is "mnist1d" (``train_mnist1d(seed, epochs=20)``, batches of 1000) or "transformer"
+    (``train_digit_transformer(seed)``, batches of 500); the calibration set is the first
+    ``calibration`` training samples (None: all). Returns the training result and the batches.
+    """
+    from secondorder.datasets import batches, train_digit_transformer, train_mnist1d
+
+    if kind == "mnist1d":
+        result, size = train_mnist1d(seed=seed, epochs=20, data=data), 1000
+    else:
+        result, size = train_digit_transformer(seed=seed, data=data), 500
+    x, y = result.train
+    return result, batches(x[:calibration], y[:calibration], size)

@@ -43,20 +43,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, write_markdown  # noqa: E402
+from common import QUANT_MODELS as MODELS  # noqa: E402
+from common import load_quant_data, machine_line, ms, train_quant_model, write_markdown  # noqa: E402
 
-from secondorder.datasets import (  # noqa: E402
-    batches,
-    load_digit_tokens,
-    load_mnist1d,
-    train_digit_transformer,
-    train_mnist1d,
-)
 from secondorder.quant import gptq_quantize, layer_hessians, quantizable_layers, quantize  # noqa: E402
 from secondorder.quant.quantizers import quantize_weight, symmetric_scale  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {"mnist1d": "MNIST-1D CNN", "transformer": "digit transformer"}
 ROUNDINGS = ("nearest", "GPTQ", "GPTQ act-order")
 
 
@@ -65,14 +58,6 @@ def evaluate(model, data):
     x, y = data
     out = model(x)
     return float(F.cross_entropy(out, y)), float((out.argmax(-1) == y).float().mean())
-
-
-def train(kind, seed, data):
-    if kind == "mnist1d":
-        r = train_mnist1d(seed=seed, epochs=20, data=data)
-        return r, batches(*r.train, 1000)
-    r = train_digit_transformer(seed=seed, data=data)
-    return r, batches(*r.train, 500)
 
 
 def check_gptq(model, result, calib, names, b):
@@ -99,7 +84,7 @@ def check_gptq(model, result, calib, names, b):
 
 def run_case(kind, seed, data, bits_list):
     t0 = time.perf_counter()
-    trained, calib = train(kind, seed, data)
+    trained, calib = train_quant_model(kind, seed, data)
     model = trained.model
     t_train = time.perf_counter() - t0
     names = [n for n, _ in quantizable_layers(model)]
@@ -133,12 +118,6 @@ def run_case(kind, seed, data, bits_list):
 
 
 # --------------------------------------------------------------------------- report helpers
-
-
-def ms(xs, scale=1.0, fmt=".2f"):
-    xs = [x * scale for x in xs]
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):{fmt}} ± {s:{fmt}}"
 
 
 def wins(a, b, key, higher):
@@ -267,8 +246,7 @@ def main():
         a.out = str(RESULTS / ("gptq_rounding_quick" if a.quick else "gptq_rounding"))
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    data = {"mnist1d": load_mnist1d() if "mnist1d" in a.models else None,
-            "transformer": load_digit_tokens() if "transformer" in a.models else None}
+    data = load_quant_data(a.models)
     res = {}
     for seed in a.seeds:
         for k in a.models:

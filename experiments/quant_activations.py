@@ -61,16 +61,11 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, write_markdown  # noqa: E402
+from common import QUANT_MODELS as MODELS  # noqa: E402
+from common import load_quant_data, machine_line, ms, train_quant_model, write_markdown  # noqa: E402
 
 from secondorder.data import evaluate  # noqa: E402
-from secondorder.datasets import (  # noqa: E402
-    batches,
-    load_digit_tokens,
-    load_mnist1d,
-    train_digit_transformer,
-    train_mnist1d,
-)
+from secondorder.datasets import batches  # noqa: E402
 from secondorder.quant import (  # noqa: E402
     QuantizedLayer,
     activation_sensitivities,
@@ -84,20 +79,11 @@ from secondorder.quant import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {"mnist1d": "MNIST-1D CNN", "transformer": "digit transformer"}
 METHODS = ("joint", "weight-only", "weight-only*", "uniform")
 LABELS = {"joint": "(a) joint weight + activation", "weight-only": "(b) weight only, highest act. width that fits",
           "weight-only*": "(b*) weight only, act. width by min ΣΩ", "uniform": "(c) best uniform pair (hindsight)"}
 ALPHAS = (0.25, 0.5, 0.75)
 SIZE_BITS_PER_WEIGHT = 8
-
-
-def train(kind, seed, data):
-    if kind == "mnist1d":
-        r = train_mnist1d(seed=seed, epochs=20, data=data)
-        return r, batches(*r.train, 1000)
-    r = train_digit_transformer(seed=seed, data=data)
-    return r, batches(*r.train, 500)
 
 
 def subset(calib, n):
@@ -145,7 +131,7 @@ def frontier_min(points, budget):
 
 def run_case(kind, seed, data, a, figure_seed):
     t0 = time.perf_counter()
-    trained, calib = train(kind, seed, data)
+    trained, calib = train_quant_model(kind, seed, data)
     calib = subset(calib, a.calib)
     model = trained.model
     t_train = time.perf_counter() - t0
@@ -248,12 +234,6 @@ def run_case(kind, seed, data, a, figure_seed):
 
 
 # --------------------------------------------------------------------------- report
-
-
-def ms(xs, scale=1.0, fmt=".2f"):
-    xs = [x * scale for x in xs]
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):{fmt}} ± {s:{fmt}}"
 
 
 def best_uniform(rs, alpha, a):
@@ -492,8 +472,7 @@ def main():
         a.out = str(RESULTS / ("quant_activations_quick" if a.quick else "quant_activations"))
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    data = {"mnist1d": load_mnist1d() if "mnist1d" in a.models else None,
-            "transformer": load_digit_tokens() if "transformer" in a.models else None}
+    data = load_quant_data(a.models)
     res = {}
     for seed in a.seeds:
         for k in a.models:

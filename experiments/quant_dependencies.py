@@ -61,16 +61,11 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, write_markdown  # noqa: E402
+from common import QUANT_MODELS as MODELS  # noqa: E402
+from common import load_quant_data, machine_line, ms, train_quant_model, write_markdown  # noqa: E402
 
 from secondorder.data import evaluate  # noqa: E402
-from secondorder.datasets import (  # noqa: E402
-    batches,
-    load_digit_tokens,
-    load_mnist1d,
-    train_digit_transformer,
-    train_mnist1d,
-)
+from secondorder.datasets import batches  # noqa: E402
 from secondorder.quant import allocate_bits, layer_sensitivities, quantize  # noqa: E402
 from secondorder.quant.dependencies import (  # noqa: E402
     bisection_search,
@@ -80,7 +75,6 @@ from secondorder.quant.dependencies import (  # noqa: E402
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {"mnist1d": "MNIST-1D CNN", "transformer": "digit transformer"}
 PAIRS = {"mnist1d": "all", "transformer": "neighbours"}
 BITS = (2, 3, 4, 8)
 ORDERS = ("Hessian", "dependencies", "dependencies (loss)")
@@ -101,20 +95,10 @@ class Cached:
         return self.cache[k]
 
 
-def train(kind, seed, data, a):
-    if kind == "mnist1d":
-        r = train_mnist1d(seed=seed, epochs=20, data=data)
-        n, bs = a.cnn_calib, 1000
-    else:
-        r = train_digit_transformer(seed=seed, data=data)
-        n, bs = a.transformer_calib, 500
-    (xtr, ytr), (xte, yte) = r.train, r.test
-    return r.model, batches(xtr[:n], ytr[:n], bs), batches(xte, yte, 1000)
-
-
 def run_case(kind, seed, data, a):
     t0 = time.perf_counter()
-    model, calib, test = train(kind, seed, data, a)
+    r, calib = train_quant_model(kind, seed, data, a.cnn_calib if kind == "mnist1d" else a.transformer_calib)
+    model, test = r.model, batches(*r.test, 1000)
     t_train = time.perf_counter() - t0
     ce = F.cross_entropy
     fp_cal, fp_test = evaluate(model, ce, calib), evaluate(model, ce, test)
@@ -203,12 +187,6 @@ def run_case(kind, seed, data, a):
 
 
 # --------------------------------------------------------------------------- report
-
-
-def ms(xs, scale=1.0, fmt=".2f"):
-    xs = [x * scale for x in xs]
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):{fmt}} ± {s:{fmt}}"
 
 
 def fmt_bits(bits, names):
@@ -373,8 +351,7 @@ def main():
         a.out = str(RESULTS / ("quant_dependencies_quick" if a.quick else "quant_dependencies"))
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    data = {"mnist1d": load_mnist1d() if "mnist1d" in a.models else None,
-            "transformer": load_digit_tokens() if "transformer" in a.models else None}
+    data = load_quant_data(a.models)
     res = {}
     for seed in a.seeds:
         for k in a.models:

@@ -58,16 +58,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line, write_markdown  # noqa: E402
+from common import QUANT_MODELS as MODELS  # noqa: E402
+from common import load_quant_data, machine_line, ms, train_quant_model, write_markdown  # noqa: E402
 
 from secondorder import HessianOperator  # noqa: E402
-from secondorder.datasets import (  # noqa: E402
-    batches,
-    load_digit_tokens,
-    load_mnist1d,
-    train_digit_transformer,
-    train_mnist1d,
-)
+from secondorder.datasets import batches  # noqa: E402
 from secondorder.linalg import trace  # noqa: E402
 from secondorder.quant import allocate_bits, layer_sensitivities, quantizable_layers  # noqa: E402
 from secondorder.quant.dependencies import calibration_damage  # noqa: E402
@@ -76,20 +71,8 @@ from secondorder.quant.sensitivity import LayerSensitivity, Sensitivities  # noq
 from secondorder.quant.uncertainty import confidence_omega, parametric_stability, redraw_stability  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {"mnist1d": "MNIST-1D CNN", "transformer": "digit transformer"}
 BITS = (2, 3, 4, 8)
 METHODS = ("plain", "robust")
-
-
-def train(kind, seed, data, a):
-    if kind == "mnist1d":
-        r = train_mnist1d(seed=seed, epochs=20, data=data)
-        n, bs = a.cnn_calib, 1000
-    else:
-        r = train_digit_transformer(seed=seed, data=data)
-        n, bs = a.transformer_calib, 500
-    (xtr, ytr), (xte, yte) = r.train, r.test
-    return r.model, batches(xtr[:n], ytr[:n], bs), batches(xte, yte, 1000)
 
 
 def traces_only(model, calib, layers, errors, matvecs, probe_seed):
@@ -110,7 +93,8 @@ def shifted(table, entries, z):
 
 def run_case(kind, seed, data, a, check):
     t0 = time.perf_counter()
-    model, calib, test = train(kind, seed, data, a)
+    r, calib = train_quant_model(kind, seed, data, a.cnn_calib if kind == "mnist1d" else a.transformer_calib)
+    model, test = r.model, batches(*r.test, 1000)
     t_train = time.perf_counter() - t0
     layers = quantizable_layers(model)
     names = [n for n, _ in layers]
@@ -193,12 +177,6 @@ def run_case(kind, seed, data, a, check):
 
 
 # --------------------------------------------------------------------------- report
-
-
-def ms(xs, scale=1.0, fmt=".2f"):
-    xs = [x * scale for x in xs]
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):{fmt}} ± {s:{fmt}}"
 
 
 def report(a, res, total, cmd):
@@ -373,8 +351,7 @@ def main():
         a.out = str(RESULTS / ("quant_robust_quick" if a.quick else "quant_robust"))
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    data = {"mnist1d": load_mnist1d() if "mnist1d" in a.models else None,
-            "transformer": load_digit_tokens() if "transformer" in a.models else None}
+    data = load_quant_data(a.models)
     res = {}
     for i, seed in enumerate(a.seeds):
         for k in a.models:
