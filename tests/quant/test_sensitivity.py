@@ -41,6 +41,20 @@ def test_layer_sensitivities_match_exact_weight_blocks():
     assert hawq_v1(model, F.cross_entropy, data, trace_matvecs=60, seed=0) == v1
 
 
+def test_traces_without_top_eigenvalues_are_the_same_traces():
+    model, data = problem()
+    full = layer_sensitivities(model, F.cross_entropy, data, bits=(2, 4), trace_matvecs=30, seed=3)
+    lean = layer_sensitivities(model, F.cross_entropy, data, bits=(2, 4), trace_matvecs=30, seed=3,
+                               top_eigenvalues=False)
+    assert [(x.name, x.size, x.trace, x.trace_stderr, x.errors) for x in lean.layers] == [
+        (x.name, x.size, x.trace, x.trace_stderr, x.errors) for x in full.layers]
+    assert lean.hawq_v2() == full.hawq_v2() and lean.num_matvecs == 30 < full.num_matvecs
+    assert all(x.top_eigenvalue != x.top_eigenvalue for x in lean.layers)  # NaN
+    for method in (lean.hawq_v1, lean.eigenvalue_weighted):
+        with pytest.raises(ValueError, match="top_eigenvalues=True"):
+            method()
+
+
 def test_qbert_mean_and_std_over_batches():
     model, data = problem(1)
     got = qbert(model, F.cross_entropy, data, seed=0)

@@ -27,6 +27,7 @@ trace is the mean per-sample trace) and :math:`Q_b` the per-tensor asymmetric
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sized
 from dataclasses import dataclass
@@ -77,11 +78,17 @@ class Sensitivities:
 
     def hawq_v1(self) -> dict[str, float]:
         """HAWQ-V1's ordering score ``lambda_max(H_i) / n_i`` (larger: more bits)."""
-        return {x.name: x.top_eigenvalue / x.size for x in self.layers}
+        return {x.name: x.top_eigenvalue / x.size for x in self._with_eigenvalues()}
 
     def eigenvalue_weighted(self) -> dict[str, dict[int, float]]:
         """``lambda_max(H_i) * ||Q_b(W_i) - W_i||^2``: HAWQ-V1's fine-tuning order, and the top-eigenvalue variant of Omega."""
-        return {x.name: {b: x.top_eigenvalue * e for b, e in x.errors.items()} for x in self.layers}
+        return {x.name: {b: x.top_eigenvalue * e for b, e in x.errors.items()} for x in self._with_eigenvalues()}
+
+    def _with_eigenvalues(self) -> tuple[LayerSensitivity, ...]:
+        if any(math.isnan(x.top_eigenvalue) for x in self.layers):
+            raise ValueError("these sensitivities have no top eigenvalues (computed with top_eigenvalues=False); "
+                             "call layer_sensitivities(..., top_eigenvalues=True) for HAWQ-V1 scores")
+        return self.layers
 
     def unweighted(self) -> dict[str, dict[int, float]]:
         """``||Q_b(W_i) - W_i||^2`` alone: the curvature-blind baseline."""
@@ -196,6 +203,7 @@ def layer_sensitivities(
     group_size: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    top_eigenvalues: bool = True,
     **operator_kwargs: Any,
 ) -> Sensitivities:
     """Trace (Hutch++, one probe set for all layers) and top eigenvalue of every layer's weight block,
@@ -203,20 +211,23 @@ def layer_sensitivities(
 
     ``layers`` names quantizable layers (default: all, see :func:`quantizable_layers`); ``data``,
     ``loss_fn`` and ``operator_kwargs`` as for :class:`~secondorder.HessianOperator`. The model is
-    left as it was.
+    left as it was. ``top_eigenvalues=False`` skips the per-layer Lanczos runs, which only HAWQ-V1
+    and :meth:`Sensitivities.eigenvalue_weighted` use (they cost more products than the traces on
+    many-layer models: 165 of 255 on a 14-layer transformer); the eigenvalues are then NaN.
     """
     bits = _bit_widths(bits)
     chosen = _weights(model, layers)
     op = _operator(model, loss_fn, data, chosen, seed, operator_kwargs)
     tr = trace(op, trace_matvecs, seed=seed, progress=progress)
-    tops = block_eigenvalues(op, 1, seed=seed)
+    tops = block_eigenvalues(op, 1, seed=seed) if top_eigenvalues else {}
+    nan = float("nan")
     out = []
     for (name, module), block in zip(chosen, tr.blocks):
         w = cast(Tensor, module.weight).detach()
-        top = tops[block.name]
+        top = tops.get(block.name)
+        eigenvalue, residual = (nan, nan) if top is None else (float(top.eigenvalues[0]), float(top.residuals[0]))
         errors = {b: quantization_error(w, b, granularity, group_size) for b in bits}
-        out.append(LayerSensitivity(name, w.numel(), block.value, block.stderr, float(top.eigenvalues[0]),
-                                    float(top.residuals[0]), errors))
+        out.append(LayerSensitivity(name, w.numel(), block.value, block.stderr, eigenvalue, residual, errors))
     return Sensitivities(tuple(out), op.num_matvecs)
 
 
