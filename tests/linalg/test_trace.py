@@ -10,6 +10,7 @@ import torch
 
 import secondorder
 from secondorder import Block, DenseOperator
+from secondorder.linalg.results import TraceResult
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
 MINIMUM = {"hutchinson": 1, "hutch++": 3, "xtrace": 4}
@@ -102,6 +103,15 @@ def test_confidence_interval_coverage(method, runs, indefinite):
     # nominal 95%; the binomial standard error over 200 seeds is 1.5%, and XTrace's leave-one-out
     # stderr is known to be optimistic by 15-25% (its estimates are correlated): >= 85% required.
     assert covered / SEEDS >= 0.85, f"{method}: 95% interval covers the trace in {covered}/{SEEDS} seeds"
+
+
+@pytest.mark.parametrize("value, n", [(7.7500000000000036, 5), (0.1, 3), (1 / 3, 7), (2.5, 4)])
+def test_equal_samples_give_a_point_interval(value, n):
+    # torch's mean of n equal floats can be off by an ulp (it depends on the CPU's vector path), which
+    # left std ~1e-16 and every resample without spread: the interval is the point, never an error
+    r = TraceResult(value, 0.0, 9, "hutchinson", n - 1, (), (value,) * n)
+    mean = float(torch.tensor((value,) * n, dtype=torch.float64).mean())
+    assert r.confidence_interval(0.95) == (mean, mean) == r.confidence_interval(0.5)
 
 
 def test_dof_and_matvec_count(indefinite):

@@ -1,23 +1,48 @@
-"""The optimizers' numbers are those recorded before the optimizer core was rebuilt (bitwise)."""
+"""The optimizers' numbers are those recorded before the optimizer core was rebuilt: bitwise on a
+machine with a recording, within float rounding of the recordings made on other machines."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.optim.trajectories import CASES, RECORDING, VARIANTS, run
+from tests.optim.trajectories import CASES, VARIANTS, machine, recordings, run
+
+# Another CPU's kernels round differently; over the 7 steps the relative (norm-wise) difference
+# between an Intel Xeon's and an AMD EPYC's run was 15 eps in float64 and 146 eps in float32.
+# 1000 eps leaves room for other CPUs; a change of the algorithm moves the numbers by far more.
+ROUNDING = {torch.float64: 1000 * torch.finfo(torch.float64).eps, torch.float32: 1000 * torch.finfo(torch.float32).eps}
 
 
 @pytest.fixture(scope="module")
 def recorded():
-    return torch.load(RECORDING)
+    found = recordings()
+    assert found, "no recorded trajectories: run python -m tests.optim.trajectories"
+    return found
+
+
+def _entries(now, then):
+    for key in ("params", "losses", "state"):
+        assert len(now[key]) == len(then[key]), key
+        yield from ((key, step, a, b) for step, (a, b) in enumerate(zip(now[key], then[key])))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_trajectory_is_bitwise_the_recorded_one(recorded, case, variant):
-    now, then = run(case, variant), recorded[(case, variant)]
-    for key in ("params", "losses", "state"):
-        assert len(now[key]) == len(then[key])
-        for step, (a, b) in enumerate(zip(now[key], then[key])):
-            assert torch.equal(a, b), f"{key} differ at entry {step}"
+    if machine() not in recorded:
+        pytest.skip(f"no recording on {machine()}; the rounding test below compares with {sorted(recorded)}")
+    now, then = run(case, variant), recorded[machine()][(case, variant)]
+    for key, step, a, b in _entries(now, then):
+        assert torch.equal(a, b), f"{key} differ at entry {step}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trajectory_is_within_rounding_of_every_machines_recording(recorded, case, variant):
+    now = run(case, variant)
+    for where, cases in recorded.items():
+        for key, step, a, b in _entries(now, cases[(case, variant)]):
+            assert a.dtype == b.dtype and a.shape == b.shape, (where, key, step)
+            gap = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+            assert gap <= ROUNDING[a.dtype], f"{key} entry {step}: {gap:.2e} from the recording on {where}"

@@ -1,8 +1,11 @@
 """Optimizer trajectories at fixed seeds, recorded before the optimizer core was rebuilt (issue 13).
 
-``python -m tests.optim.trajectories`` rewrites ``tests/optim/data/trajectories.pt``; only do that
-for an intended change of the numbers. ``test_trajectories.py`` replays every case and requires
-the parameters, losses and optimizer state tensors to be bitwise equal to the recording.
+The recording holds one set of trajectories per machine (CPU model and torch version: the same
+code rounds differently on another CPU's vector kernels). ``python -m tests.optim.trajectories``
+records this machine's set, keeping the others; only do that on a machine without one, after the
+tolerance test against the others passes, or for an intended change of the numbers (then delete
+the file first). ``test_trajectories.py`` replays every case: bitwise equal to this machine's set,
+and within rounding of every other machine's.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from secondorder.environment import cpu_model
 from secondorder.optim import AdaHessian, SophiaG, SophiaH
 
 RECORDING = Path(__file__).parent / "data" / "trajectories.pt"
@@ -70,9 +74,19 @@ def run(case: str, variant: str) -> dict[str, list[torch.Tensor]]:
     return {"params": params, "losses": losses, "state": state}
 
 
+def machine() -> str:
+    """The key of this machine's recording: CPU model and torch version."""
+    return f"{cpu_model()} | torch {torch.__version__}"
+
+
+def recordings() -> dict[str, dict]:
+    """``{machine: {(case, variant): trajectory}}``; empty when nothing is recorded."""
+    return torch.load(RECORDING) if RECORDING.exists() else {}
+
+
 def record() -> None:
     RECORDING.parent.mkdir(exist_ok=True)
-    torch.save({(c, v): run(c, v) for c in CASES for v in VARIANTS}, RECORDING)
+    torch.save({**recordings(), machine(): {(c, v): run(c, v) for c in CASES for v in VARIANTS}}, RECORDING)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,7 @@ def _bootstrap_t(samples: tuple[float, ...], level: float) -> tuple[float, float
     n = x.numel()
     draws = x[torch.randint(n, (BOOTSTRAP_RESAMPLES, n), generator=torch.Generator().manual_seed(0))]
     stderr = float(x.std()) / math.sqrt(n)
-    if stderr == 0:
+    if stderr == 0 or bool((x == x[0]).all()):  # equal samples: the rounding of mean() can leave std ~1e-16
         return float(x.mean()), float(x.mean())
     t = (draws.mean(1) - x.mean()) / (draws.std(1) / math.sqrt(n))
     t = t[torch.isfinite(t)]  # a resample of one repeated value has no spread
