@@ -233,6 +233,24 @@ def test_default_lanczos_finds_every_copy_of_a_repeated_top(multiplicity, k, see
     assert float((A @ V - V * r.eigenvalues).norm(dim=0).max()) <= 1e-9 * 5.0
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_default_widens_the_block_only_when_a_value_came_back_twice(seed, spectra):
+    """A distinct top: the block of 2 certifies all of it (the same run as block_size=2, fewer
+    products than a block of k); a triple top: the block of 2 finds two copies, so the default
+    runs again from a block of k, and counts both runs' products."""
+    simple = spectra.matrix(torch.cat([torch.tensor([6.0, 5.0, 4.5, 4.0, 3.5], dtype=torch.float64),
+                                       torch.linspace(1.0, -1.0, N - 5, dtype=torch.float64)]), seed=40 + seed)
+    r, two, k5 = (secondorder.eigenvalues(simple, k=5, seed=seed, block_size=b) for b in (None, 2, 5))
+    assert r.block_size == 2 and bool(r.converged.all()) and r.num_matvecs == two.num_matvecs < k5.num_matvecs
+    assert torch.equal(r.eigenvalues, two.eigenvalues)
+    triple = spectra.matrix(_repeated_top(3), seed=50 + seed)
+    r, two = (secondorder.eigenvalues(triple, k=5, seed=seed, block_size=b) for b in (None, 2))
+    assert r.block_size == 5 and bool(r.converged.all()) and not bool(two.converged.all())
+    assert r.num_matvecs > two.num_matvecs and r.num_restarts >= 1
+    exact = torch.linalg.eigh(triple).eigenvalues.flip(0)[:5]  # dense float64 reference
+    assert float((r.eigenvalues - exact).abs().max()) <= 1e-8 * 5.0
+
+
 @pytest.mark.parametrize("block_size", [1, 2])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_small_block_never_certifies_a_set_that_may_miss_copies(block_size, seed, spectra):

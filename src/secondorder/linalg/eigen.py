@@ -3,7 +3,8 @@ r"""Extreme eigenpairs of a symmetric operator.
 * ``method="lanczos"`` (default): thick-restart band Lanczos (block Lanczos, Golub & Underwood
   1977, built one column at a time as in Ruhe 1979; thick restart, Wu & Simon 2000, equivalent
   to implicitly restarted Lanczos, Sorensen 1992) with full reorthogonalization (two passes of
-  classical Gram-Schmidt), from a random block of ``block_size`` vectors (default ``k``). Each
+  classical Gram-Schmidt), from a random block of ``block_size`` vectors (default ``k``, tried
+  from a block of 2 first: :meth:`Problem.escalating`). Each
   cycle extends the basis to ``ncv`` vectors, takes the Ritz pairs of :math:`T = V^\top A V` after
   every step, and stops as soon as every wanted Ritz pair has residual
   :math:`\|A y - \theta y\| = \|C s\| \le \mathrm{tol}\cdot\|A\|` (:math:`C` the coupling to the
@@ -103,6 +104,8 @@ class _Run:
     num_restarts: int
     history: tuple[tuple[float, ...], ...]
     norm: float
+    block_size: int | None = None
+    """The start block the run certifies ranks with, where not the problem's (:meth:`Problem.escalating`)."""
 
 
 # A solver is a generator: it yields the block X [p, c] it wants multiplied, is sent A X, and
@@ -325,6 +328,8 @@ class Problem:
     block_size: int
     verify: bool = False
     """Whether the products are float16/bfloat16, so that convergence is checked by :func:`_verified`."""
+    escalate: bool = False
+    """Solve from a block of 2 first (:meth:`escalating`): Lanczos, ``k > 2``, block and ``ncv`` defaulted."""
 
     @classmethod
     def checked(cls, p: int, k: int, which: str, tol: float | None, method: str, max_matvecs: int | None,
@@ -338,12 +343,14 @@ class Problem:
             raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
         tol = checked_tol(tol, dtype)
         max_matvecs = max(500, 50 * k) if max_matvecs is None else positive_int(max_matvecs, "max_matvecs")
+        defaulted = block_size is None
         block_size = default_block_size(k, ncv, method) if block_size is None else block_size
         if not isinstance(block_size, int) or not 1 <= block_size <= k:
             raise ValueError(f"block_size must be an integer with 1 <= block_size <= k = {k}, got {block_size!r}")
         if method == "power" and block_size != k:
             raise ValueError(f"the power method iterates a block of k = {k} vectors; got block_size={block_size}")
-        return cls(p, k, which, tol, method, max_matvecs, ncv, block_size, dtype in LOW_PRECISION)
+        escalate = defaulted and ncv is None and method == "lanczos" and k > 2
+        return cls(p, k, which, tol, method, max_matvecs, ncv, block_size, dtype in LOW_PRECISION, escalate)
 
     @classmethod
     def small(cls, p: int, k: int, which: str, dtype: torch.dtype) -> Problem:
@@ -352,6 +359,8 @@ class Problem:
 
     def solver(self, gen, dtype: torch.dtype, device) -> Solver:
         """A fresh solver of ``method`` drawing its start from ``gen`` (``dtype``: the working one)."""
+        if self.escalate:
+            return self.escalating(gen, dtype, device)
         if self.method == "dense":
             solver = dense(self.p, self.k, self.which, dtype, device)
         elif self.method == "lanczos":
@@ -361,13 +370,32 @@ class Problem:
             solver = power(self.p, self.k, self.which, self.tol, self.max_matvecs, gen, dtype, device)
         return _verified(solver, self.tol) if self.verify else solver
 
+    def escalating(self, gen, dtype: torch.dtype, device) -> Solver:
+        """Lanczos from a block of 2, and, only where that run holds a value twice (so a further copy
+        may be missing, :func:`uncertified`) and budget is left, again from this problem's block of
+        ``k``. One solver to the lockstep driver; the run says which block certifies its ranks.
+        On the top 5 of a trained MLP's Hessian: 29 products instead of 50 from a block of 5.
+        """
+        narrow = replace(self, block_size=2, escalate=False)
+        run = yield from narrow.solver(gen, dtype, device)
+        left = self.max_matvecs - run.num_matvecs
+        if left <= 0 or not bool((run.converged & narrow.unranked(run)).any()):
+            return replace(run, block_size=2)
+        again = yield from replace(self, max_matvecs=left, escalate=False).solver(gen, dtype, device)
+        return replace(again, num_matvecs=run.num_matvecs + again.num_matvecs, history=run.history + again.history,
+                       num_restarts=run.num_restarts + again.num_restarts + 1)
+
+    def unranked(self, run: _Run) -> Tensor:
+        """The pairs of ``run`` whose rank its start block cannot certify (:func:`uncertified`)."""
+        return uncertified(run.eigenvalues, run.block_size or self.block_size, self.tol * run.norm)
+
     def result(self, run: _Run, dtype: torch.dtype) -> EigenResult:
         """The EigenResult of ``run``: ``converged`` where the residual passed and the rank is certified."""
-        converged = run.converged & ~uncertified(run.eigenvalues, self.block_size, self.tol * run.norm)
         return EigenResult(
             eigenvalues=run.eigenvalues.to(dtype), eigenvectors=run.eigenvectors, residuals=run.residuals.to(dtype),
-            converged=converged, num_matvecs=run.num_matvecs, num_restarts=run.num_restarts, which=self.which,
-            method=self.method, residual_history=run.history, block_size=self.block_size,
+            converged=run.converged & ~self.unranked(run), num_matvecs=run.num_matvecs,
+            num_restarts=run.num_restarts, which=self.which, method=self.method, residual_history=run.history,
+            block_size=run.block_size or self.block_size,
         )
 
 
@@ -399,9 +427,11 @@ def eigenvalues(
         ncv: Lanczos basis size (default ``max(2k + 10, 20) + 8 (block_size - 1)``, capped at P).
         seed: int, generator or ``None``.
         progress: show a progress bar of the products (up to ``max_matvecs``) on stderr.
-        block_size: Lanczos start block ``b``, ``1 <= b <= k`` (default ``k``; with an explicit
-            ``ncv``, ``min(k, max(2, (ncv - k) // 4))``): eigenvalues of multiplicity up to ``b``
-            are found with all their copies. The power method always iterates ``k`` vectors.
+        block_size: Lanczos start block ``b``, ``1 <= b <= k``: eigenvalues of multiplicity up to
+            ``b`` are found with all their copies. Default: ``k``, solved from a block of 2 first
+            and from a block of ``k`` only if that result holds a value twice (a further copy may be
+            missing; the products of both runs count); with an explicit ``ncv``,
+            ``min(k, max(2, (ncv - k) // 4))``. The power method always iterates ``k`` vectors.
 
     Returns:
         :class:`EigenResult`, eigenvalues sorted from most to least wanted. With ``b < k``, pairs
