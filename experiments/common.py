@@ -77,3 +77,22 @@ def train_quant_model(kind: str, seed: int, data, calibration: int | None = None
         result, size = train_digit_transformer(seed=seed, data=data), 500
     x, y = result.train
     return result, batches(x[:calibration], y[:calibration], size)
+
+
+def run_quant_experiment(a, script: str, run_case, report, figure) -> None:
+    """Every (seed, network) case of a quantization experiment, then its table and figure.
+
+    ``run_case(kind, seed, data)`` gives one case; ``report(a, results, seconds, command)`` the
+    markdown lines, written to ``a.out`` with the exact command; ``figure(a, results, plt, png)``.
+    """
+    import sys
+    import time
+
+    t_start = time.perf_counter()
+    data = load_quant_data(a.models)
+    res = {(k, seed): run_case(k, seed, data[k]) for seed in a.seeds for k in a.models}
+    total = time.perf_counter() - t_start
+    cmd = f"OMP_NUM_THREADS=1 .venv/bin/python experiments/{script}" + "".join(f" {x}" for x in sys.argv[1:])
+    png, plt = write_markdown(report(a, res, total, cmd), a.out)
+    figure(a, res, plt, png)
+    print(f"wrote {a.out}.md and {png}; total {total:.0f} s")

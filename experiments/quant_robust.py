@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import QUANT_MODELS as MODELS  # noqa: E402
-from common import load_quant_data, machine_line, ms, train_quant_model, write_markdown  # noqa: E402
+from common import machine_line, ms, run_quant_experiment, train_quant_model  # noqa: E402
 
 from secondorder.datasets import batches  # noqa: E402
 from secondorder.quant import allocate_bits, layer_sensitivities, quantizable_layers  # noqa: E402
@@ -329,17 +329,7 @@ def main():
     if a.out is None:
         a.out = str(RESULTS / ("quant_robust_quick" if a.quick else "quant_robust"))
     torch.set_num_threads(a.threads)
-    t_start = time.perf_counter()
-    data = load_quant_data(a.models)
-    res = {}
-    for seed in a.seeds:
-        for k in a.models:
-            res[(k, seed)] = run_case(k, seed, data[k], a)
-    total = time.perf_counter() - t_start
-    cmd = "OMP_NUM_THREADS=1 .venv/bin/python experiments/quant_robust.py" + "".join(f" {x}" for x in sys.argv[1:])
-    png, plt = write_markdown(report(a, res, total, cmd), a.out)
-    figure(a, res, plt, png)
-    print(f"wrote {a.out}.md and {png}; total {total:.0f} s")
+    run_quant_experiment(a, "quant_robust.py", lambda k, seed, d: run_case(k, seed, d, a), report, figure)
 
 
 if __name__ == "__main__":
