@@ -105,7 +105,7 @@ def im2col(x: Tensor, kernel: Sequence[int], dilation: Sequence[int], padding: S
     MNIST-1D CNN's layers on a CPU, and 40x for its one-channel first layer).
     """
     (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
-    x = F.pad(x, (pw, pw, ph, ph))
+    x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x  # F.pad copies even by zero
     win = x.unfold(2, (kh - 1) * dh + 1, sh).unfold(3, (kw - 1) * dw + 1, sw)[..., ::dh, ::dw]  # [N, C, H', W', kh, kw]
     n, c, h, w = win.shape[:4]
     return win.permute(0, 2, 3, 1, 4, 5).reshape(n, h * w, c * kh * kw)
