@@ -43,6 +43,7 @@ Writes experiments/results/quant_robust.md and .png (``_quick`` with --quick).
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -158,6 +159,13 @@ def run_case(kind, seed, data, a):
 # --------------------------------------------------------------------------- report
 
 
+def cells(a, res):
+    """Every (model, budget, matvecs, allocation) cell of the tables with its rows, one per training seed."""
+    for k in a.models:
+        for b, mv, m in itertools.product(a.budgets, a.matvecs, METHODS):
+            yield k, b, mv, m, [res[(k, s)]["rows"][(b, mv, m)] for s in a.seeds]
+
+
 def report(a, res, total, cmd):
     S = a.seeds
     L = ["# Robust vs plain HAWQ-V2 bit allocation over probe redraws (issue 19)", "",
@@ -176,26 +184,20 @@ def report(a, res, total, cmd):
           "| model | budget (avg bits) | matvecs | allocation | most common | distinct (of R) | same as ref. | "
           "test acc % | robust − plain (pts) | robust ≠ plain (redraws) | avg bits used |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in a.models:
-        rs = [res[(k, s)] for s in S]
-        for b in a.budgets:
-            for mv in a.matvecs:
-                for m in METHODS:
-                    rows = [r["rows"][(b, mv, m)] for r in rs]
-                    if m == "robust":
-                        pl = [r["rows"][(b, mv, "plain")] for r in rs]
-                        d = [x["acc_mean"] - y["acc_mean"] for x, y in zip(rows, pl)]
-                        diff = (f"{statistics.mean(d) * 100:+.2f} ({sum(x > 1e-12 for x in d)}/"
-                                f"{sum(x < -1e-12 for x in d)})")
-                        differ = f"{statistics.mean(sum(u != v for u, v in zip(x['keys'], y['keys'])) / a.probes for x, y in zip(rows, pl)):.2f}"
-                    else:
-                        diff = differ = "–"
-                    L.append(f"| {MODELS[k]} | {b:g} | {mv} | {m} | {statistics.mean(x['most_common'] for x in rows):.2f} | "
-                             f"{statistics.mean(x['distinct'] for x in rows):.1f} | "
-                             f"{statistics.mean(x['same_ref'] for x in rows):.2f} | "
-                             f"{statistics.mean(x['acc_mean'] for x in rows) * 100:.2f} ± "
-                             f"{statistics.mean(x['acc_std'] for x in rows) * 100:.2f} | {diff} | {differ} | "
-                             f"{statistics.mean(x['avg_bits'] for x in rows):.3f} |")
+    for k, b, mv, m, rows in cells(a, res):
+        if m == "robust":
+            pl = [res[(k, s)]["rows"][(b, mv, "plain")] for s in S]
+            d = [x["acc_mean"] - y["acc_mean"] for x, y in zip(rows, pl)]
+            diff = f"{statistics.mean(d) * 100:+.2f} ({sum(x > 1e-12 for x in d)}/{sum(x < -1e-12 for x in d)})"
+            differ = f"{statistics.mean(sum(u != v for u, v in zip(x['keys'], y['keys'])) / a.probes for x, y in zip(rows, pl)):.2f}"
+        else:
+            diff = differ = "–"
+        L.append(f"| {MODELS[k]} | {b:g} | {mv} | {m} | {statistics.mean(x['most_common'] for x in rows):.2f} | "
+                 f"{statistics.mean(x['distinct'] for x in rows):.1f} | "
+                 f"{statistics.mean(x['same_ref'] for x in rows):.2f} | "
+                 f"{statistics.mean(x['acc_mean'] for x in rows) * 100:.2f} ± "
+                 f"{statistics.mean(x['acc_std'] for x in rows) * 100:.2f} | {diff} | {differ} | "
+                 f"{statistics.mean(x['avg_bits'] for x in rows):.3f} |")
     L += ["", "## Does the parametric stability predict the probe-redraw frequency?", "",
           f"P(probe seed 0's allocation comes back): parametric = `parametric_stability` from probe seed 0's traces and "
           f"error bars ({a.redraws} redraws; robust: each redraw shifted by z σ of probe seed 0), observed = "
@@ -205,20 +207,15 @@ def report(a, res, total, cmd):
           "| model | budget | matvecs | allocation | per seed (parametric/observed) | mean parametric | mean observed | "
           "mean abs. diff | distinct (param. / obs.) |", "|---|---|---|---|---|---|---|---|---|"]
     allpairs = []
-    for k in a.models:
-        rs = [res[(k, s)] for s in S]
-        for b in a.budgets:
-            for mv in a.matvecs:
-                for m in METHODS:
-                    rows = [r["rows"][(b, mv, m)] for r in rs]
-                    allpairs += [(x["para"], x["observed"]) for x in rows]
-                    L.append(f"| {MODELS[k]} | {b:g} | {mv} | {m} | "
-                             + ", ".join(f"{x['para']:.2f}/{x['observed']:.2f}" for x in rows)
-                             + f" | {statistics.mean(x['para'] for x in rows):.2f} | "
-                             f"{statistics.mean(x['observed'] for x in rows):.2f} | "
-                             f"{statistics.mean(abs(x['para'] - x['observed']) for x in rows):.2f} | "
-                             f"{statistics.mean(x['para_distinct'] for x in rows):.1f} / "
-                             f"{statistics.mean(x['observed_distinct'] for x in rows):.1f} |")
+    for k, b, mv, m, rows in cells(a, res):
+        allpairs += [(x["para"], x["observed"]) for x in rows]
+        L.append(f"| {MODELS[k]} | {b:g} | {mv} | {m} | "
+                 + ", ".join(f"{x['para']:.2f}/{x['observed']:.2f}" for x in rows)
+                 + f" | {statistics.mean(x['para'] for x in rows):.2f} | "
+                 f"{statistics.mean(x['observed'] for x in rows):.2f} | "
+                 f"{statistics.mean(abs(x['para'] - x['observed']) for x in rows):.2f} | "
+                 f"{statistics.mean(x['para_distinct'] for x in rows):.1f} / "
+                 f"{statistics.mean(x['observed_distinct'] for x in rows):.1f} |")
     p, o = np.array([x[0] for x in allpairs]), np.array([x[1] for x in allpairs])
     corr = float(np.corrcoef(p, o)[0, 1]) if p.std() > 0 and o.std() > 0 else float("nan")
     L += ["", f"Over all {len(allpairs)} (model, seed, budget, matvecs, allocation) cells: mean parametric "
